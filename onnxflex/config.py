@@ -1,0 +1,86 @@
+"""QuantConfig: every knob of a quantization run, with presets that fix the reconstruction budget."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .errors import OnnxflexError
+
+METHODS = ("flexround", "adaround", "rtn")
+REGION_MODES = ("auto", "layer", "block")
+CALIB_METHODS = ("mse", "percentile", "minmax")
+TARGETS = ("tensorrt", "ort-cpu")
+
+# iterations per region, mini-batch size, FlexRound lr, AdaRound lr, activation-step (LSQ) lr
+PRESETS = {
+    "fast": dict(iters=200, batch_size=32, lr=3e-3, adaround_lr=1e-3, act_lr=4e-5),
+    "default": dict(iters=1000, batch_size=32, lr=3e-3, adaround_lr=1e-3, act_lr=4e-5),
+    "paper": dict(iters=20000, batch_size=32, lr=3e-3, adaround_lr=1e-3, act_lr=4e-5),
+}
+
+
+@dataclass
+class QuantConfig:
+    """What to quantize and how. ``None`` fields take their value from ``preset``."""
+
+    method: str = "flexround"
+    weight_bits: int = 8
+    act_bits: int = 8  # 0 = weight-only
+    granularity: str = "channel"  # channel | tensor (weight scales)
+    regions: str = "auto"  # auto | layer | block
+    preset: str = "fast"
+    iters: Optional[int] = None
+    batch_size: Optional[int] = None
+    lr: Optional[float] = None
+    act_lr: Optional[float] = None
+    drop_prob: Optional[float] = None  # QDrop; default 0.5 when activations are quantized
+    calib_size: int = 256
+    calib_method: str = "mse"  # activation range: mse | percentile | minmax
+    percentile: float = 99.99
+    first_last_bits: Optional[int] = 8  # first and last weighted op stay at this many bits; None = same as weights
+    quantize_act_matmul: bool = False  # activation x activation MatMul (attention) inputs
+    exclude: list = field(default_factory=list)  # node names kept in FP32
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 0
+    max_memory: float = 4.0  # GiB of live calibration tensors held in RAM before spilling to disk
+    target: str = "tensorrt"  # tensorrt | ort-cpu (rule check on the output)
+    progress: bool = True
+
+    def resolved(self) -> "QuantConfig":
+        """Return a validated copy with preset values filled in."""
+        if self.method not in METHODS:
+            raise OnnxflexError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.preset not in PRESETS:
+            raise OnnxflexError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        if self.regions not in REGION_MODES:
+            raise OnnxflexError(f"unknown region mode {self.regions!r}; choose one of {', '.join(REGION_MODES)}")
+        if self.granularity not in ("channel", "tensor"):
+            raise OnnxflexError(f"unknown granularity {self.granularity!r}; choose channel or tensor")
+        if self.calib_method not in CALIB_METHODS:
+            raise OnnxflexError(f"unknown calibration method {self.calib_method!r}; choose one of {', '.join(CALIB_METHODS)}")
+        if self.weight_bits not in (2, 3, 4, 8):
+            raise OnnxflexError(f"--weight-bits {self.weight_bits} is not supported; use 8, 4, 3 or 2")
+        if self.act_bits not in (0, 8, 16):
+            raise OnnxflexError(f"--act-bits {self.act_bits} is not supported; use 8, 16 or 0 (weight-only)")
+        if self.target not in TARGETS:
+            raise OnnxflexError(f"unknown target {self.target!r}; choose one of {', '.join(TARGETS)}")
+        if self.calib_size < 1:
+            raise OnnxflexError("--calib-size must be at least 1")
+        cfg = dataclasses.replace(self)
+        p = PRESETS[self.preset]
+        if cfg.iters is None:
+            cfg.iters = p["iters"]
+        if cfg.batch_size is None:
+            cfg.batch_size = p["batch_size"]
+        if cfg.lr is None:
+            cfg.lr = p["adaround_lr"] if cfg.method == "adaround" else p["lr"]
+        if cfg.act_lr is None:
+            cfg.act_lr = p["act_lr"]
+        if cfg.drop_prob is None:
+            cfg.drop_prob = 0.5 if cfg.act_bits > 0 else 0.0
+        if cfg.method == "rtn":
+            cfg.iters = 0
+        if not 0.0 <= cfg.drop_prob <= 1.0:
+            raise OnnxflexError("--drop-prob must be between 0 and 1")
+        return cfg

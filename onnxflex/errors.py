@@ -1,0 +1,8 @@
+"""User-facing errors: the CLI turns these into one line on stderr and exit code 2."""
+
+
+class OnnxflexError(Exception):
+    """A problem with the user's input (model, calibration data, flags, paths).
+
+    The message must name the problem and the fix, in one line.
+    """
