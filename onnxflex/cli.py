@@ -1,0 +1,173 @@
+"""``onnxflex quantize | eval | inspect | check``: a thin click layer over the Python API.
+
+User mistakes (OnnxflexError) print one line and exit 2, never a traceback.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+
+import click
+
+from .config import CALIB_METHODS, METHODS, PRESETS, QuantConfig, REGION_MODES, TARGETS
+from .errors import OnnxflexError
+
+
+def _floats3(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        parts = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter("expected three comma-separated numbers, e.g. 0.485,0.456,0.406") from None
+    if len(parts) != 3:
+        raise click.BadParameter("expected three comma-separated numbers, e.g. 0.485,0.456,0.406")
+    return parts
+
+
+def preprocess_options(f):
+    """Image preprocessing flags shared by quantize and eval."""
+    opts = [
+        click.option("--preprocess", type=click.Choice(["torch", "tf"]), default="torch", show_default=True,
+                     help="torch: ImageNet mean/std, bilinear, resize size*256/224; tf: (x-127)/128, bicubic, resize size+32"),
+        click.option("--size", type=int, default=None, help="center-crop size (default: the model's input H/W)"),
+        click.option("--resize", type=int, default=None, help="short side before cropping"),
+        click.option("--mean", callback=_floats3, default=None, help="a,b,c on the 0-1 scale"),
+        click.option("--std", callback=_floats3, default=None, help="a,b,c on the 0-1 scale"),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _preprocess(preprocess, size, resize, mean, std):
+    from .calib import make_preprocess
+
+    return make_preprocess(preprocess, size=size, resize=resize, mean=mean, std=std)
+
+
+def user_errors(f):
+    """Turn OnnxflexError into a one-line message and exit code 2."""
+
+    @functools.wraps(f)
+    def wrapper(*a, **k):
+        try:
+            return f(*a, **k)
+        except OnnxflexError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted; no output written", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group()
+@click.version_option(package_name="onnxflex")
+@click.option("-v", "--verbose", is_flag=True, help="debug logging")
+def main(verbose):
+    """onnxflex: FlexRound post-training quantization for ONNX models, written as standard QDQ."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--calib", "calib", required=True, multiple=True,
+              help="image folder, or .npy/.npz file(s) (npz keys = input names); repeat for several files")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=True), help="output QDQ .onnx path")
+@click.option("--method", type=click.Choice(METHODS), default="flexround", show_default=True)
+@click.option("--weight-bits", type=click.Choice(["8", "4", "3", "2"]), default="8", show_default=True)
+@click.option("--act-bits", type=click.Choice(["8", "16", "0"]), default="8", show_default=True,
+              help="0 = weight-only")
+@click.option("--granularity", type=click.Choice(["channel", "tensor"]), default="channel", show_default=True)
+@click.option("--regions", type=click.Choice(REGION_MODES), default="auto", show_default=True)
+@click.option("--preset", type=click.Choice(list(PRESETS)), default="fast", show_default=True,
+              help="fast: 200 iters/region; default: 1000; paper: 20000 (BRECQ/QDrop)")
+@click.option("--iters", type=int, default=None, help="iterations per region (overrides the preset)")
+@click.option("--batch-size", type=int, default=None)
+@click.option("--lr", type=float, default=None, help="learning rate of the rounding parameters")
+@click.option("--drop-prob", type=float, default=None, help="QDrop probability (default 0.5 with activations)")
+@click.option("--calib-size", type=int, default=256, show_default=True, help="calibration samples used")
+@click.option("--calib-method", type=click.Choice(CALIB_METHODS), default="mse", show_default=True)
+@click.option("--first-last-bits", type=int, default=8, show_default=True,
+              help="bits of the first and last weighted op (0 = same as --weight-bits)")
+@click.option("--exclude", multiple=True, help="node name to keep in FP32 (repeatable)")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--max-memory", type=float, default=4.0, show_default=True,
+              help="GiB of calibration activations kept in RAM before spilling to disk")
+@click.option("--target", type=click.Choice(TARGETS), default="tensorrt", show_default=True,
+              help="deployment rules the output is checked against")
+@click.option("--report", type=click.Path(), default=None, help="report JSON path (default: beside the output)")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-q", "--quiet", is_flag=True, help="no progress bars")
+@preprocess_options
+@user_errors
+def quantize(model, calib, output, method, weight_bits, act_bits, granularity, regions, preset, iters, batch_size,
+             lr, drop_prob, calib_size, calib_method, first_last_bits, exclude, device, max_memory, target, report,
+             seed, quiet, preprocess, size, resize, mean, std):
+    """Quantize MODEL with calibration data and write a QDQ ONNX model."""
+    from .api import quantize as run_quantize
+
+    cfg = QuantConfig(method=method, weight_bits=int(weight_bits), act_bits=int(act_bits), granularity=granularity,
+                      regions=regions, preset=preset, iters=iters, batch_size=batch_size, lr=lr, drop_prob=drop_prob,
+                      calib_size=calib_size, calib_method=calib_method, first_last_bits=first_last_bits or None,
+                      exclude=list(exclude), device=device, seed=seed, max_memory=max_memory, target=target,
+                      progress=not quiet)
+    source = calib[0] if len(calib) == 1 else list(calib)
+    result = run_quantize(model, output, source, cfg, preprocess=_preprocess(preprocess, size, resize, mean, std),
+                          report=report)
+    click.echo(result.format_table())
+    click.echo(f"wrote {result.output}  (report: {result.report_path})")
+
+
+@main.command("eval")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--data", required=True, help="image folder (with labels.csv) or .npy/.npz feeds")
+@click.option("--labels", default=None, help="labels.csv (columns file, class_index); default DATA/labels.csv")
+@click.option("--ref", default=None, help="FP32 reference model for agreement / SQNR / cosine")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--limit", type=int, default=None, help="evaluate only the first N samples")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@preprocess_options
+@user_errors
+def eval_cmd(model, data, labels, ref, batch_size, limit, as_json, preprocess, size, resize, mean, std):
+    """Top-1/top-5, agreement with a reference, output SQNR (or embedding cosine)."""
+    from .runtime.evaluate import evaluate
+
+    rep = evaluate(model, data, labels=labels, ref=ref, preprocess=_preprocess(preprocess, size, resize, mean, std),
+                   batch_size=batch_size, limit=limit)
+    click.echo(json.dumps(rep.to_dict(), indent=2) if as_json else rep.format_table())
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--regions", type=click.Choice(REGION_MODES), default="auto", show_default=True)
+@user_errors
+def inspect(model, regions):
+    """List the quantizable ops with their weight shapes, and the reconstruction regions."""
+    from .inspect import inspect_model
+
+    click.echo(inspect_model(model, regions))
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--target", type=click.Choice(TARGETS), default="tensorrt", show_default=True)
+@user_errors
+def check(model, target):
+    """Check a QDQ model against TensorRT (or ORT CPU) explicit-quantization rules; exit 1 on violations."""
+    from .checks.tensorrt import check_qdq_model, format_violations
+    from .passes.prepare import load_model
+
+    violations = check_qdq_model(load_model(model), target)
+    if violations:
+        click.echo(format_violations(violations))
+        sys.exit(1)
+    click.echo(f"ok: no {target} rule violations")
+
+
+if __name__ == "__main__":
+    main()

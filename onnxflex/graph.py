@@ -1,0 +1,153 @@
+"""A thin read-mostly view over an ONNX ModelProto: producers, consumers, constants, weighted ops.
+
+Passes share this view instead of re-deriving graph relations each time; the ModelProto stays the
+source of truth (mutating passes rebuild the view).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import OnnxflexError
+
+WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
+# Element-wise ops that may follow a weighted op inside one layer region.
+ELEMENTWISE_OPS = {
+    "Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "LeakyRelu", "Gelu", "Erf",
+    "Add", "Sub", "Mul", "Div", "Identity", "Dropout",
+}
+ORT_IR_VERSION = 10  # onnxruntime 1.31 refuses IR 14, which onnx >= 1.20 writes by default
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """One quantizable weight: which node reads it and how its axes are laid out."""
+
+    node: str  # node name
+    op_type: str
+    weight: str  # initializer name
+    bias: Optional[str]
+    data_input: str  # the activation tensor the op multiplies with the weight
+    out_axis: int  # output-channel axis of the weight (per-channel scale axis)
+    in_axis: int  # input-channel axis of the weight
+
+
+class Graph:
+    """Producers, consumers and constants of a model, in the model's (topological) node order."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        g = model.graph
+        self.nodes = list(g.node)
+        self.node_by_name = {n.name: n for n in self.nodes}
+        self.initializers = {t.name: t for t in g.initializer}
+        self.producer = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for n in self.nodes:
+            for o in n.output:
+                if o:
+                    self.producer[o] = n
+            for i in n.input:
+                if i:
+                    self.consumers.setdefault(i, []).append(n)
+        self.input_names = [i.name for i in g.input if i.name not in self.initializers]
+        self.output_names = [o.name for o in g.output]
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+        self._arrays: dict[str, np.ndarray] = {}
+        self.elem_types = {}
+        for vi in list(g.input) + list(g.output) + list(g.value_info):
+            if vi.type.HasField("tensor_type"):
+                self.elem_types[vi.name] = vi.type.tensor_type.elem_type
+        for name, t in self.initializers.items():
+            self.elem_types[name] = t.data_type
+
+    def is_constant(self, name: str) -> bool:
+        return name in self.initializers
+
+    def array(self, name: str) -> np.ndarray:
+        """Initializer as numpy (cached)."""
+        if name not in self._arrays:
+            self._arrays[name] = numpy_helper.to_array(self.initializers[name])
+        return self._arrays[name]
+
+    def constants_for(self, nodes) -> dict[str, np.ndarray]:
+        """Initializers read by these nodes."""
+        return {i: self.array(i) for n in nodes for i in n.input if i in self.initializers}
+
+    def weight_spec(self, node: onnx.NodeProto) -> Optional[WeightSpec]:
+        """The quantizable weight of a Conv/Gemm/MatMul, or None when it has no constant weight."""
+        if node.op_type not in WEIGHTED_OPS or len(node.input) < 2:
+            return None
+        w = node.input[1]
+        if not self.is_constant(w) or self.is_constant(node.input[0]):
+            return None
+        rank = len(self.initializers[w].dims)
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] and self.is_constant(node.input[2]) else None
+        if node.op_type == "Conv":
+            if rank < 3:
+                return None
+            return WeightSpec(node.name, "Conv", w, bias, node.input[0], 0, 1)
+        if rank != 2:
+            return None
+        if node.op_type == "Gemm":
+            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+            out_axis, in_axis = (0, 1) if trans_b else (1, 0)
+            if bias is not None and len(self.initializers[bias].dims) > 1:
+                return None
+            return WeightSpec(node.name, "Gemm", w, bias, node.input[0], out_axis, in_axis)
+        return WeightSpec(node.name, "MatMul", w, None, node.input[0], 1, 0)
+
+    def weighted_nodes(self) -> list[WeightSpec]:
+        return [s for s in (self.weight_spec(n) for n in self.nodes) if s is not None]
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
+    """Write atomically (temp file + rename) so a failed run never leaves a half-written model.
+
+    Models over 2 GB go to external data beside the file, as protobuf cannot hold them.
+    """
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.exists():
+        raise OnnxflexError(f"output folder {parent} does not exist; create it or choose another -o path")
+    if not os.access(parent, os.W_OK):
+        raise OnnxflexError(f"cannot write to {parent} (permission denied); choose a writable -o path")
+    model.ir_version = min(model.ir_version or ORT_IR_VERSION, ORT_IR_VERSION)
+    large = model.ByteSize() > 1_800_000_000 if _safe_size(model) else True
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    os.close(fd)
+    try:
+        if large:
+            data_name = path.name + ".data"
+            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024)
+            # external data was written next to tmp under its final name
+        else:
+            onnx.save_model(model, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise OnnxflexError(f"cannot write {path}: {e.strerror}; choose a writable -o path") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _safe_size(model: onnx.ModelProto) -> bool:
+    try:
+        model.ByteSize()
+        return True
+    except Exception:  # protobuf refuses > 2 GB
+        return False

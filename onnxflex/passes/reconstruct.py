@@ -1,0 +1,434 @@
+"""Region-by-region weight reconstruction (DESIGN §1): FlexRound, AdaRound or round-to-nearest.
+
+For each region in order:
+  FP stream  x_fp --ONNX Runtime (region, FP32)--> y_fp        (the targets)
+  Q  stream  x_q  --torch (region, quantizers)-->  y_hat       minimise ||y_hat - y_fp||^2
+  then x_q <- quantized region(x_q), x_fp <- y_fp, and tensors no later region reads are freed.
+A region of one weighted op takes its loss on the op's linear output in the exact Gram form, so an
+iteration costs O(Cout*K^2) instead of a convolution forward and backward.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import onnx
+import torch
+
+from ..graph import Graph, WeightSpec, ORT_IR_VERSION
+from ..lift.ops import node_attrs
+from ..lift.region import RegionModule
+from ..quantizers import make_weight_quantizer
+from ..quantizers.activation import ActQuantizer
+from ..quantizers import gram as gram_mod
+from ..store import TensorStore
+from .partition import Region
+
+log = logging.getLogger("onnxflex")
+FLOAT_TYPES = (np.float32, np.float16, np.float64)
+
+
+@dataclass
+class WeightResult:
+    """What the QDQ writer deploys for one weight: integers and the grid size s1."""
+
+    spec: WeightSpec
+    integers: np.ndarray  # int32, weight layout
+    scale: np.ndarray  # float32, [Cout] or 0-d
+    bits: int
+
+
+@dataclass
+class RegionReport:
+    index: int
+    name: str
+    kind: str
+    nodes: int
+    weights: list
+    loss_form: str  # gram | direct | none
+    rtn_mse: Optional[float] = None
+    final_mse: Optional[float] = None
+    iters: int = 0
+    seconds: float = 0.0
+    status: str = ""
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+# ----------------------------------------------------------------------------- ORT side
+
+def region_model(graph: Graph, region: Region, outputs: list, input_dtypes: dict) -> onnx.ModelProto:
+    """A standalone ONNX model holding only this region's nodes, for ONNX Runtime FP32 targets."""
+    h = onnx.helper
+    inputs = [h.make_tensor_value_info(t, h.np_dtype_to_tensor_dtype(np.dtype(input_dtypes[t])), None)
+              for t in region.inputs]
+    outs = [h.make_tensor_value_info(t, graph.elem_types.get(t, onnx.TensorProto.FLOAT), None) for t in outputs]
+    used = {i for n in region.nodes for i in n.input if i in graph.initializers}
+    g = h.make_graph(region.nodes, f"region_{region.index}", inputs, outs,
+                     initializer=[graph.initializers[i] for i in sorted(used)])
+    m = h.make_model(g, opset_imports=list(graph.model.opset_import))
+    m.ir_version = ORT_IR_VERSION
+    return m
+
+
+def ort_outputs(sess, store: TensorStore, inputs: list, outputs: list, n: int, batch: int) -> dict:
+    res = {o: [] for o in outputs}
+    for s in range(0, n, batch):
+        outs = sess.run(outputs, {i: np.asarray(store[i][s:s + batch]) for i in inputs})
+        for o, v in zip(outputs, outs):
+            res[o].append(v)
+    return {o: np.concatenate(v) for o, v in res.items()}
+
+
+# ----------------------------------------------------------------------------- torch side
+
+def _to_torch(a, device):
+    return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+
+@torch.no_grad()
+def torch_outputs(module, store: TensorStore, inputs: list, outputs: list, n: int, batch: int, device) -> dict:
+    res = {o: [] for o in outputs}
+    for s in range(0, n, batch):
+        outs = module(*[_to_torch(store[i][s:s + batch], device) for i in inputs])
+        for o in outputs:
+            res[o].append(outs[o].detach().cpu().numpy())
+    return {o: np.concatenate(v) for o, v in res.items()}
+
+
+def region_mse(pred: dict, target: dict) -> float:
+    errs = [float(np.mean((pred[o].astype(np.float64) - target[o]) ** 2))
+            for o in target if target[o].dtype in FLOAT_TYPES]
+    return float(np.mean(errs)) if errs else 0.0
+
+
+def out_by_in(w: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
+    """Weight as [Cout, K] (the Gram form's layout)."""
+    if spec.op_type == "Conv":
+        return w.reshape(w.shape[0], -1)
+    return w if spec.out_axis == 0 else w.t()
+
+
+def _conv_geometry(node, x_shape, w_shape):
+    a = node_attrs(node)
+    k = list(w_shape[2:])
+    if len(k) != 2:
+        return None
+    strides = list(a.get("strides", [1, 1]))
+    dil = list(a.get("dilations", [1, 1]))
+    auto_pad = a.get("auto_pad", "NOTSET")
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        pads = []
+        for d in range(2):
+            out = math.ceil(x_shape[2 + d] / strides[d])
+            total = max(0, (out - 1) * strides[d] + (k[d] - 1) * dil[d] + 1 - x_shape[2 + d])
+            lo = total // 2 if auto_pad == "SAME_UPPER" else total - total // 2
+            pads.append((lo, total - lo))
+        (ht, hb), (wl, wr) = pads
+    elif auto_pad == "VALID":
+        ht = hb = wl = wr = 0
+    else:
+        p = list(a.get("pads", [0, 0, 0, 0]))
+        ht, wl, hb, wr = p
+    return dict(stride=tuple(strides), padding=(wl, wr, ht, hb), dilation=tuple(dil), groups=int(a.get("group", 1)))
+
+
+def gram_applicable(graph: Graph, region: Region) -> bool:
+    """Exact Gram form needs one weighted op whose data input is a region input and a linear output."""
+    if len(region.weights) != 1:
+        return False
+    spec = region.weights[0]
+    if spec.data_input not in region.inputs:
+        return False
+    node = graph.node_by_name[spec.node]
+    if spec.op_type == "Gemm":
+        a = node_attrs(node)
+        return a.get("transA", 0) == 0 and a.get("alpha", 1.0) == 1.0 and a.get("beta", 1.0) == 1.0
+    if spec.op_type == "Conv":
+        return len(graph.initializers[spec.weight].dims) == 4
+    return True
+
+
+# ----------------------------------------------------------------------------- the pass
+
+@dataclass
+class _Streams:
+    fp: TensorStore
+    q: TensorStore
+    n: int
+
+
+class ReconstructPass:
+    """Learn each region's weight rounding against ONNX Runtime's FP32 region outputs."""
+
+    def run(self, graph: Graph, ctx) -> Graph:
+        from ..runtime.session import make_session
+        from ..progress import progress_bar
+
+        cfg = ctx.config
+        device = torch.device(ctx.device)
+        torch.manual_seed(cfg.seed)
+        budget = cfg.max_memory * (1 << 30) / 2
+        streams = _Streams(TensorStore(budget), TensorStore(budget), ctx.calibration.num_samples)
+        for name, arr in ctx.calibration.stacked().items():
+            streams.fp.put(name, arr)
+            streams.q.put(name, arr)
+        regions = ctx.regions
+        needed_after = self._needed_after(graph, regions)
+        first_last = self._first_last(graph)
+        act_modules = {t: ActQuantizer(p.scale, cfg.act_bits, learn=cfg.method != "rtn" and cfg.iters > 0)
+                       for t, p in (ctx.act_points or {}).items()}
+        act_owner = self._act_owner(regions, ctx.act_points or {})
+        ctx.weight_results, ctx.region_reports = {}, []
+        bar = progress_bar(total=len(regions), desc="regions", unit="region", enable=cfg.progress)
+        try:
+            for region in regions:
+                t0 = time.perf_counter()
+                rep = self._run_region(graph, ctx, region, streams, act_modules, act_owner, first_last,
+                                       make_session, device)
+                rep.seconds = time.perf_counter() - t0
+                ctx.region_reports.append(rep)
+                keep = needed_after[region.index]
+                streams.fp.keep_only(keep)
+                streams.q.keep_only(keep)
+                bar.set_postfix_str(f"{region.name} {rep.status}")
+                bar.update(1)
+            ctx.final_outputs = {o: (streams.fp[o], streams.q[o]) for o in graph.output_names if o in streams.fp}
+            ctx.stream_peak_bytes = streams.fp.peak_bytes + streams.q.peak_bytes
+        finally:
+            bar.close()
+            streams.fp.close()
+            streams.q.close()
+        for t, m in act_modules.items():
+            ctx.act_points[t].scale = float(m.scale())
+        return graph
+
+    # -- bookkeeping
+    @staticmethod
+    def _needed_after(graph: Graph, regions: list) -> list:
+        later = set(graph.output_names)
+        needed = [set() for _ in regions]
+        for r in reversed(regions):
+            needed[r.index] = set(later)
+            later |= set(r.inputs)
+        return needed
+
+    @staticmethod
+    def _first_last(graph: Graph) -> set:
+        ws = graph.weighted_nodes()
+        return {ws[0].node, ws[-1].node} if ws else set()
+
+    @staticmethod
+    def _act_owner(regions, points) -> dict:
+        """The region where an activation step is learned: the one holding its first quantized reader."""
+        owner = {}
+        for r in regions:
+            names = {n.name for n in r.nodes}
+            for t, p in points.items():
+                if t not in owner and p.consumers & names:
+                    owner[t] = r.index
+        return owner
+
+    def _bits(self, spec, ctx, first_last):
+        cfg = ctx.config
+        if spec.node in first_last and cfg.first_last_bits:
+            return max(cfg.first_last_bits, cfg.weight_bits)
+        return cfg.weight_bits
+
+    # -- one region
+    def _run_region(self, graph, ctx, region, streams, act_modules, act_owner, first_last, make_session, device):
+        cfg = ctx.config
+        rep = RegionReport(region.index, region.name, region.kind, len(region.nodes),
+                           [w.node for w in region.weights], "none")
+        n = streams.n
+        ebatch = max(cfg.batch_size, 32)
+        in_dtypes = {t: streams.fp[t].dtype for t in region.inputs}
+        lin_outputs = [graph.node_by_name[w.node].output[0] for w in region.weights]
+        extra = [o for o in lin_outputs if o not in region.outputs]
+        sess = make_session(region_model(graph, region, region.outputs + extra, in_dtypes))
+        y_fp_all = ort_outputs(sess, streams.fp, region.inputs, region.outputs + extra, n, ebatch)
+        y_fp = {o: y_fp_all[o] for o in region.outputs}
+
+        if region.unsupported:
+            rep.status = "fp32: no torch lifting for " + ",".join(region.unsupported)
+            log.warning("region %s left in FP32: no torch lifting for %s", region.name, ", ".join(region.unsupported))
+            y_q = ort_outputs(sess, streams.q, region.inputs, region.outputs, n, ebatch)
+            self._store(streams, y_fp, y_q)
+            return rep
+
+        names = {nd.name for nd in region.nodes}
+        act_quant = {t: m for t, m in act_modules.items() if ctx.act_points[t].consumers & names}
+        act_consumers = {t: set(ctx.act_points[t].consumers) for t in act_quant}
+        constants = graph.constants_for(region.nodes)
+
+        def build(quantizers):
+            return RegionModule(region.nodes, constants, region.inputs, region.outputs, graph.opset,
+                                weight_overrides={w.weight: q for w, q in zip(region.weights, quantizers)},
+                                act_quant=act_quant, act_consumers=act_consumers).to(device)
+
+        if not region.weights:
+            rep.status = "fp32: no quantized weights"
+            y_q = torch_outputs(build([]), streams.q, region.inputs, region.outputs, n, ebatch, device)
+            self._store(streams, y_fp, y_q)
+            return rep
+
+        def quantizers_for(method):
+            return [make_weight_quantizer(method, torch.from_numpy(graph.array(w.weight).astype(np.float32)),
+                                          self._bits(w, ctx, first_last), w.out_axis, w.in_axis,
+                                          per_channel=cfg.granularity == "channel").to(device)
+                    for w in region.weights]
+
+        rtn_q = quantizers_for("rtn")
+        for m in act_quant.values():
+            m.eval()
+        with torch.no_grad():
+            rtn_pred = torch_outputs(build(rtn_q), streams.q, region.inputs, region.outputs, n, ebatch, device)
+        rep.rtn_mse = region_mse(rtn_pred, y_fp)
+        chosen, y_q = rtn_q, rtn_pred
+        rep.status = "rtn"
+        if cfg.method != "rtn" and cfg.iters > 0:
+            learned = quantizers_for(cfg.method)
+            own_acts = [m for t, m in act_quant.items() if act_owner.get(t) == region.index]
+            module = build(learned)
+            use_gram = gram_applicable(graph, region)
+            rep.loss_form = "gram" if use_gram else "direct"
+            rng = np.random.default_rng(cfg.seed + 7919 * region.index)
+            try:
+                if use_gram:
+                    spec = region.weights[0]
+                    act = act_quant.get(spec.data_input) if spec.node in act_consumers.get(spec.data_input, ()) else None
+                    self._train_gram(graph, ctx, region, act, learned[0], streams, y_fp_all, rng, device)
+                else:
+                    self._train_direct(ctx, region, module, learned, own_acts, streams, y_fp, rng, device)
+            except FloatingPointError:
+                pass
+            for q in learned:
+                q.freeze()
+            for m in act_quant.values():
+                m.eval()
+            rep.iters = cfg.iters
+            pred = torch_outputs(module, streams.q, region.inputs, region.outputs, n, ebatch, device)
+            rep.final_mse = region_mse(pred, y_fp)
+            if not math.isfinite(rep.final_mse):
+                rep.status = "kept rtn: loss not finite"
+            elif rep.final_mse > rep.rtn_mse:
+                rep.status = "kept rtn: loss above rtn"
+            else:
+                chosen, y_q, rep.status = learned, pred, "learned"
+            if rep.status.startswith("kept"):
+                log.warning("region %s: %s", region.name, rep.status)
+        else:
+            rep.final_mse = rep.rtn_mse
+        for w, q in zip(region.weights, chosen):
+            ctx.weight_results[w.node] = WeightResult(
+                w, q.integers().detach().cpu().numpy().astype(np.int32),
+                q.scale().detach().cpu().numpy().astype(np.float32), self._bits(w, ctx, first_last))
+        self._store(streams, y_fp, y_q)
+        return rep
+
+    @staticmethod
+    def _store(streams, y_fp, y_q):
+        for o, v in y_fp.items():
+            streams.fp.put(o, v)
+        for o, v in y_q.items():
+            streams.q.put(o, v)
+
+    @staticmethod
+    def _mix(xq, xfp, p, rng):
+        """QDrop: feed the region quantized inputs with probability p, FP inputs otherwise, element-wise."""
+        if p >= 1.0 or xq.dtype not in FLOAT_TYPES:
+            return xq
+        if p <= 0.0:
+            return xfp
+        return np.where(rng.random(xq.shape, dtype=np.float32) < p, xq, xfp)
+
+    def _optimizer(self, ctx, weight_params, act_params):
+        cfg = ctx.config
+        groups = [{"params": weight_params, "lr": cfg.lr}]
+        if act_params:
+            groups.append({"params": act_params, "lr": cfg.act_lr})
+        opt = torch.optim.Adam(groups)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.iters, eta_min=0.0)
+        return opt, sched
+
+    def _train_direct(self, ctx, region, module, quantizers, own_acts, streams, y_fp, rng, device):
+        """Block regions: real forward/backward passes of the lifted region on random mini-batches."""
+        from ..progress import progress_bar
+
+        cfg = ctx.config
+        n, bs = streams.n, min(cfg.batch_size, streams.n)
+        for m in own_acts:
+            m.train()
+        act_params = [p for m in own_acts for p in m.parameters()]
+        opt, sched = self._optimizer(ctx, [p for q in quantizers for p in q.parameters()], act_params)
+        float_outs = [o for o in region.outputs if y_fp[o].dtype in FLOAT_TYPES]
+        bar = progress_bar(total=cfg.iters, desc=f"  {region.name}", leave=False, enable=cfg.progress)
+        for it in range(cfg.iters):
+            idx = np.sort(rng.choice(n, bs, replace=False))
+            feeds = [_to_torch(self._mix(streams.q[t][idx], streams.fp[t][idx], cfg.drop_prob, rng), device)
+                     for t in region.inputs]
+            for q in quantizers:
+                q.set_progress(it / cfg.iters)
+            out = module(*feeds)
+            loss = sum(torch.nn.functional.mse_loss(out[o], _to_torch(y_fp[o][idx], device)) for o in float_outs)
+            loss = loss / max(1, len(float_outs)) + sum(q.regularizer() for q in quantizers)
+            if not torch.isfinite(loss):
+                raise FloatingPointError
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if it % 25 == 0 or it == cfg.iters - 1:
+                bar.set_postfix_str(f"loss {loss.item():.3g}")
+            bar.update(1)
+        bar.close()
+
+    def _train_gram(self, graph, ctx, region, act, quantizer, streams, y_fp_all, rng, device):
+        """Layer regions: the exact quadratic form of the linear-output MSE, per cached mini-batch."""
+        from ..progress import progress_bar
+
+        cfg = ctx.config
+        spec = region.weights[0]
+        node = graph.node_by_name[spec.node]
+        w = torch.from_numpy(graph.array(spec.weight).astype(np.float32)).to(device)
+        b = torch.from_numpy(graph.array(spec.bias).astype(np.float32)).to(device) if spec.bias else None
+        y_lin = y_fp_all[node.output[0]]
+        n, bs = streams.n, min(cfg.batch_size, streams.n)
+        order = rng.permutation(n)
+        stats = []
+        with torch.no_grad():
+            for s in range(0, n, bs):
+                idx = np.sort(order[s:s + bs])
+                x = _to_torch(self._mix(streams.q[spec.data_input][idx], streams.fp[spec.data_input][idx],
+                                        cfg.drop_prob, rng), device)
+                if act is not None:
+                    x = act(x)
+                y = _to_torch(y_lin[idx], device)
+                if spec.op_type == "Conv":
+                    geo = _conv_geometry(node, tuple(x.shape), tuple(w.shape))
+                    stats.append(gram_mod.conv_gram(x, w, b, y, **geo))
+                else:
+                    stats.append(gram_mod.linear_gram(x, out_by_in(w, spec), b, y))
+        opt, sched = self._optimizer(ctx, list(quantizer.parameters()), [])
+        bar = progress_bar(total=cfg.iters, desc=f"  {region.name}", leave=False, enable=cfg.progress)
+        for it in range(cfg.iters):
+            quantizer.set_progress(it / cfg.iters)
+            dw = out_by_in(quantizer() - w, spec)
+            loss = gram_mod.gram_mse(stats[it % len(stats)], dw) + quantizer.regularizer()
+            if not torch.isfinite(loss):
+                raise FloatingPointError
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if it % 25 == 0 or it == cfg.iters - 1:
+                bar.set_postfix_str(f"loss {loss.item():.3g}")
+            bar.update(1)
+        bar.close()
+

@@ -1,0 +1,178 @@
+"""Gram form of a single weighted op's reconstruction loss (DESIGN §3, "Speed on CPU").
+
+For fixed inputs X (im2col patches for a conv), FP weight W, bias b and target Y:
+
+    sum ||op(X, W_hat) + b - Y||^2 = sum_o dW_o G dW_o^T - 2 sum(dW * C) + ||R||^2
+
+with dW = W_hat - W, G = X^T X, R = Y - op(X, W) - b and C = R^T X. G, C and ||R||^2 are computed
+once per cached mini-batch; every training step then costs O(Cout * K^2) instead of a full
+forward and backward of the op.
+
+Precision: the statistics are *accumulated* in float64 (``accum_dtype``) and *stored* in float32
+(``dtype``) for the training loss. Measured here (conv 1x1 256->64 and 3x3 64->64, N=32, inputs
+with mean offsets up to 20, with and without activation quantization): float32 statistics give the
+mse to 1e-8..1e-7 relative and gradients to ~2e-7 relative of a float64 reference, the same
+accuracy as the direct float32 conv loss, and each step is cheaper than in float64. Float64
+accumulation costs 2-3x in the one-off statistics pass but keeps the sums safe when many patches or
+merged mini-batches (``GramStats.__add__``) are summed. Pass ``dtype=torch.float64`` to also train
+on float64 statistics (~1e-14 relative to a float64 direct loss).
+
+Layout conventions: G is always [g, K, K] (g = conv groups; 1 for a regular conv and for linear
+layers; C for depthwise, with K = kh*kw). C is [Cout, K], i.e. the layout of W reshaped to
+[Cout, Cin/g*kh*kw] (F.unfold's channel-major patch order), or the [N, K] linear weight.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Chunk the im2col work so a large activation never needs more than about this many bytes at once.
+_CHUNK_BYTES = 256 * 1024 * 1024
+
+
+@dataclass
+class GramStats:
+    """Sufficient statistics of one (or several merged) mini-batches for one weighted op.
+
+    G: [g, K, K]; C: [Cout, K]; r2: 0-d ||R||^2; count: number of output elements (for the mean).
+    """
+
+    G: Tensor
+    C: Tensor
+    r2: Tensor
+    count: int
+
+    @property
+    def groups(self) -> int:
+        return self.G.shape[0]
+
+    def __add__(self, other: "GramStats") -> "GramStats":
+        """Merge two mini-batches: the sum form is additive, so the merged loss is over both."""
+        return GramStats(self.G + other.G, self.C + other.C, self.r2 + other.r2, self.count + other.count)
+
+    def to(self, *args, **kwargs) -> "GramStats":
+        return GramStats(self.G.to(*args, **kwargs), self.C.to(*args, **kwargs), self.r2.to(*args, **kwargs),
+                         self.count)
+
+
+def _pad4(padding: Union[int, Sequence[int]], nd: int) -> Tuple[int, ...]:
+    """Padding as F.pad's tuple (last dim first): 2-D (l, r, t, b), 1-D (l, r)."""
+    if isinstance(padding, int):
+        return (padding,) * (2 * nd)
+    padding = tuple(int(p) for p in padding)
+    if nd == 2:
+        if len(padding) == 2:  # symmetric (ph, pw)
+            ph, pw = padding
+            return (pw, pw, ph, ph)
+        if len(padding) == 4:
+            return padding
+    else:
+        if len(padding) == 1:
+            return (padding[0], padding[0])
+        if len(padding) == 2:
+            return padding
+    raise ValueError(f"padding {padding!r} not understood for a {nd}-D conv")
+
+
+def _pair(v, nd: int) -> Tuple[int, ...]:
+    if isinstance(v, int):
+        return (v,) * nd
+    v = tuple(int(t) for t in v)
+    if len(v) != nd:
+        raise ValueError(f"expected {nd} values, got {v!r}")
+    return v
+
+
+def conv_gram(x: Tensor, w: Tensor, b: Optional[Tensor], y: Tensor, stride=1, padding=0, dilation=1,
+              groups: int = 1, accum_dtype: torch.dtype = torch.float64,
+              dtype: torch.dtype = torch.float32) -> GramStats:
+    """Gram statistics of a 2-D (or 1-D) convolution.
+
+    x: [N, Cin, H, W] (or [N, Cin, L]); w: [Cout, Cin/g, kh, kw]; b: [Cout] or None;
+    y: the FP target of the op's linear output [N, Cout, Ho, Wo].
+    padding: int, (ph, pw) symmetric, or (left, right, top, bottom) in F.pad order — note ONNX's
+    ``pads`` are (top, left, bottom, right); for 1-D: int or (left, right).
+    """
+    if x.ndim == 3:  # 1-D conv as a 2-D conv of height 1
+        pl, pr = _pad4(padding, 1)
+        return conv_gram(x.unsqueeze(2), w.unsqueeze(2), b, y.unsqueeze(2), (1, _pair(stride, 1)[0]),
+                         (pl, pr, 0, 0), (1, _pair(dilation, 1)[0]), groups, accum_dtype, dtype)
+    if x.ndim != 4 or w.ndim != 4:
+        raise ValueError(f"conv_gram supports 1-D and 2-D convs, got x {tuple(x.shape)}, w {tuple(w.shape)}")
+    stride, dilation = _pair(stride, 2), _pair(dilation, 2)
+    pad = _pad4(padding, 2)
+    cout, cin_g, kh, kw = w.shape
+    g = int(groups)
+    if x.shape[1] != cin_g * g or cout % g:
+        raise ValueError(f"channels do not match groups={g}: x {tuple(x.shape)}, w {tuple(w.shape)}")
+    K, og = cin_g * kh * kw, cout // g
+    N = x.shape[0]
+    dev = x.device
+    G = torch.zeros(g, K, K, dtype=accum_dtype, device=dev)
+    C = torch.zeros(g, og, K, dtype=accum_dtype, device=dev)
+    r2 = torch.zeros((), dtype=accum_dtype, device=dev)
+    wa = w.detach().to(accum_dtype)
+    ba = None if b is None else b.detach().to(accum_dtype)
+    per_sample = (x[0].numel() * kh * kw + y[0].numel()) * torch.finfo(accum_dtype).bits // 8
+    step = max(1, _CHUNK_BYTES // max(per_sample, 1))
+    count = 0
+    for i in range(0, N, step):
+        xc = x[i:i + step].detach().to(accum_dtype)
+        yc = y[i:i + step].detach().to(accum_dtype)
+        n = xc.shape[0]
+        xp = F.pad(xc, pad) if any(pad) else xc
+        r = yc - F.conv2d(xp, wa, ba, stride=stride, padding=0, dilation=dilation, groups=g)
+        cols = F.unfold(xp, (kh, kw), dilation=dilation, padding=0, stride=stride)  # [n, Cin*kh*kw, L]
+        L = cols.shape[-1]
+        if r.shape[2] * r.shape[3] != L or r.shape[1] != cout:
+            raise ValueError(f"target shape {tuple(y.shape)} does not match the conv output")
+        xg = cols.view(n, g, K, L).permute(1, 2, 0, 3).reshape(g, K, n * L)  # [g, K, M]
+        rg = r.reshape(n, g, og, L).permute(1, 2, 0, 3).reshape(g, og, n * L)  # [g, og, M]
+        G += torch.bmm(xg, xg.transpose(1, 2))
+        C += torch.bmm(rg, xg.transpose(1, 2))
+        r2 += (r * r).sum()
+        count += r.numel()
+    return GramStats(G.to(dtype), C.reshape(cout, K).to(dtype), r2.to(dtype), count)
+
+
+def linear_gram(x: Tensor, w2d: Tensor, b: Optional[Tensor], y: Tensor, accum_dtype: torch.dtype = torch.float64,
+                dtype: torch.dtype = torch.float32) -> GramStats:
+    """Gram statistics of y = x @ w2d^T + b, x [..., K], w2d [N, K] (transpose MatMul's [K, N] first)."""
+    N, K = w2d.shape
+    xf = x.detach().reshape(-1, K)
+    yf = y.detach().reshape(-1, N)
+    if xf.shape[0] != yf.shape[0]:
+        raise ValueError(f"x {tuple(x.shape)} and y {tuple(y.shape)} have different row counts")
+    dev = x.device
+    wa = w2d.detach().to(accum_dtype)
+    ba = None if b is None else b.detach().to(accum_dtype)
+    G = torch.zeros(K, K, dtype=accum_dtype, device=dev)
+    C = torch.zeros(N, K, dtype=accum_dtype, device=dev)
+    r2 = torch.zeros((), dtype=accum_dtype, device=dev)
+    step = max(1, _CHUNK_BYTES // ((K + N) * torch.finfo(accum_dtype).bits // 8))
+    for i in range(0, xf.shape[0], step):
+        xc = xf[i:i + step].to(accum_dtype)
+        r = yf[i:i + step].to(accum_dtype) - F.linear(xc, wa, ba)
+        G += xc.T @ xc
+        C += r.T @ xc
+        r2 += (r * r).sum()
+    return GramStats(G.unsqueeze(0).to(dtype), C.to(dtype), r2.to(dtype), yf.numel())
+
+
+def gram_loss(stats: GramStats, dW: Tensor) -> Tensor:
+    """sum ||op(X, W + dW) + b - Y||^2 from the statistics. dW: [Cout, ...] (reshaped to [Cout, K])."""
+    cout, K = stats.C.shape
+    g = stats.G.shape[0]
+    d = dW.reshape(cout, K).to(stats.G.dtype)
+    dg = d.reshape(g, cout // g, K)
+    quad = (torch.bmm(dg, stats.G) * dg).sum()
+    return quad - 2.0 * (d * stats.C).sum() + stats.r2
+
+
+def gram_mse(stats: GramStats, dW: Tensor) -> Tensor:
+    """Equals F.mse_loss(op(X, W + dW) + b, Y) (mean over output elements) up to float error."""
+    return gram_loss(stats, dW) / stats.count

@@ -1,0 +1,330 @@
+"""onnxruntime session factory: one place that knows ORT's quirks.
+
+* onnx >= 1.20 writes IR version 14, which onnxruntime 1.31 refuses; models are lowered to the newest IR
+  the installed onnxruntime loads (:data:`ORT_MAX_IR_VERSION`, probed once at import).
+* onnxruntime-gpu lists CUDA/TensorRT as "available" even on a machine without a GPU (they fail only
+  when a session is created), so :func:`available_providers` probes them for real.
+* Load errors become :class:`OnnxflexError` with ORT's message trimmed to its useful part.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+from ..errors import OnnxflexError
+
+PROVIDER_NAMES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+}
+_SHORT = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "tensorrt"}
+OPT_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+_PROTO_LIMIT = 2**31 - 2**20  # protobuf cannot serialize >= 2 GiB; keep a margin
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int8)": np.int8,
+    "tensor(int16)": np.int16,
+    "tensor(int32)": np.int32,
+    "tensor(int64)": np.int64,
+    "tensor(uint8)": np.uint8,
+    "tensor(uint16)": np.uint16,
+    "tensor(uint32)": np.uint32,
+    "tensor(uint64)": np.uint64,
+    "tensor(bool)": np.bool_,
+    "tensor(string)": np.object_,
+}
+
+
+def _tiny_model(ir_version: int) -> bytes:
+    g = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = ir_version
+    return m.SerializeToString()
+
+
+def _probe_max_ir_version() -> int:
+    """Newest IR version the installed onnxruntime accepts (13 for onnxruntime 1.31)."""
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    for ir in range(max(onnx.IR_VERSION, 13) + 2, 6, -1):
+        try:
+            ort.InferenceSession(_tiny_model(ir), so, providers=["CPUExecutionProvider"])
+            return ir
+        except Exception:
+            continue
+    return 10  # onnxruntime >= 1.16 loads IR 10; safe fallback
+
+
+ORT_MAX_IR_VERSION: int = _probe_max_ir_version()
+
+
+def fix_ir_version(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Lower ``model.ir_version`` (in place) to what onnxruntime loads; returns the model for chaining.
+
+    Safe for models produced by current onnx: the IR bumps since 10 add features (e.g. new types) that
+    the opsets ORT supports do not rely on.
+    """
+    if model.ir_version > ORT_MAX_IR_VERSION:
+        model.ir_version = ORT_MAX_IR_VERSION
+    return model
+
+
+@functools.lru_cache(maxsize=None)
+def _provider_works(full: str) -> bool:
+    """Create a tiny session on ``full`` and see whether ORT kept it (it silently falls back otherwise)."""
+    if full == "CPUExecutionProvider":
+        return True
+    if full not in ort.get_available_providers():
+        return False
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    ort.set_default_logger_severity(4)  # the provider bridge logs load failures on the default logger
+    try:
+        import contextlib
+        import io
+
+        with contextlib.redirect_stdout(io.StringIO()):  # ORT prints "EP Error ... Falling back"
+            s = ort.InferenceSession(_tiny_model(min(10, ORT_MAX_IR_VERSION)), so, providers=[full, "CPUExecutionProvider"])
+        return full in s.get_providers()
+    except Exception:
+        return False
+    finally:
+        ort.set_default_logger_severity(2)  # ORT's default (warning)
+
+
+def available_providers() -> list[str]:
+    """Short names (cpu, cuda, tensorrt) of the providers that really work here, best first."""
+    out = []
+    for full in ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"):
+        if _provider_works(full):
+            out.append(_SHORT[full])
+    return out
+
+
+_warned: set[str] = set()
+
+
+def _resolve_providers(providers: Sequence[str] | str | None) -> list[str]:
+    if providers is None:
+        providers = ("cpu",)
+    if isinstance(providers, str):
+        providers = [p for p in re.split(r"[,\s]+", providers) if p]
+    full = []
+    for p in providers:
+        key = str(p).strip()
+        name = PROVIDER_NAMES.get(key.lower(), key if key.endswith("ExecutionProvider") else None)
+        if name is None:
+            raise OnnxflexError(f"unknown execution provider {p!r}; choose from cpu, cuda, tensorrt")
+        if name not in full:
+            full.append(name)
+    keep = []
+    for name in full:
+        if _provider_works(name):
+            keep.append(name)
+        elif name not in _warned:
+            _warned.add(name)
+            warnings.warn(
+                f"{_SHORT.get(name, name)} was requested but is not usable here (no GPU or missing CUDA/TensorRT "
+                "libraries); running on the remaining providers",
+                stacklevel=3,
+            )
+    if "CPUExecutionProvider" not in keep:
+        keep.append("CPUExecutionProvider")  # ORT needs CPU for ops the GPU providers lack
+    return keep
+
+
+def _summarize(err: BaseException) -> str:
+    """'[ONNXRuntimeError] : 1 : FAIL : /onnxruntime_src/...cc:256 fn(...) Real message' -> 'Real message'."""
+    msg = " ".join(str(err).split()) or type(err).__name__
+    msg = msg.replace(" Please fix either the inputs/outputs or the model.", "")
+    msg = re.sub(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*", "", msg)
+    msg = re.sub(r"/onnxruntime_src/\S+:\d+\s+(\S+\([^)]*\)(\s*const)?\s*)?", "", msg)
+    msg = re.sub(r"\s+", " ", msg).strip()
+    return msg[:300] + ("..." if len(msg) > 300 else "")
+
+
+def _has_qdq(model: onnx.ModelProto) -> bool:
+    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
+
+
+def _session_options(threads: int | None, optimization: str) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    if optimization not in OPT_LEVELS:
+        raise OnnxflexError(f"unknown graph optimization level {optimization!r}; choose one of {', '.join(OPT_LEVELS)}")
+    so.graph_optimization_level = OPT_LEVELS[optimization]
+    if threads is not None:
+        if int(threads) < 0:
+            raise OnnxflexError(f"--threads must be >= 0 (0 = onnxruntime default), got {threads}")
+        so.intra_op_num_threads = int(threads)
+    so.log_severity_level = 3  # errors only: "node not assigned to preferred EP" warnings are noise here
+    return so
+
+
+def make_session(
+    model: str | Path | onnx.ModelProto | bytes,
+    providers: Sequence[str] | str | None = ("cpu",),
+    threads: int | None = None,
+    optimization: str = "all",
+    provider_options: dict[str, dict] | None = None,
+) -> ort.InferenceSession:
+    """An :class:`onnxruntime.InferenceSession` for a path, ModelProto or serialized bytes.
+
+    ``providers``: short names (cpu, cuda, tensorrt) or ORT names; unusable ones are dropped with one
+    warning and CPU is always last.  ``threads``: intra-op threads (None = ORT default).
+    ``optimization``: disable | basic | extended | all.  ``provider_options``: {short or ORT name: {...}};
+    TensorRT gets ``trt_int8_enable`` for Q/DQ models by default (TensorRT needs the INT8 flag to honour
+    explicit Q/DQ).  The IR version is lowered when ORT refuses it; protos >= 2 GB go through a temp file.
+    """
+    so = _session_options(threads, optimization)
+    provs = _resolve_providers(providers)
+    opts_by = {}
+    for k, v in (provider_options or {}).items():
+        opts_by[PROVIDER_NAMES.get(k.lower(), k)] = dict(v)
+
+    # Normalise the model into either a path ORT can open or a (fixed) ModelProto/bytes.
+    proto: onnx.ModelProto | None = None
+    path: Path | None = None
+    blob: bytes | None = None
+    if isinstance(model, onnx.ModelProto):
+        proto = model
+    elif isinstance(model, (bytes, bytearray, memoryview)):
+        blob = bytes(model)
+    elif isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        if not path.exists():
+            raise OnnxflexError(f"model file {path} does not exist; check the path")
+        if path.is_dir():
+            raise OnnxflexError(f"{path} is a folder; pass the .onnx model file")
+    else:
+        raise OnnxflexError(f"cannot load a model from a {type(model).__name__}; pass a path, onnx.ModelProto or bytes")
+
+    if "TensorrtExecutionProvider" in provs and "TensorrtExecutionProvider" not in opts_by:
+        try:
+            p = proto if proto is not None else (onnx.load_from_string(blob) if blob is not None else onnx.load(str(path), load_external_data=False))
+            opts_by["TensorrtExecutionProvider"] = {"trt_int8_enable": bool(_has_qdq(p))}
+        except Exception:
+            pass
+    pos = [opts_by.get(p, {}) for p in provs]
+
+    def create(m):
+        return ort.InferenceSession(m, so, providers=provs, provider_options=pos)
+
+    def fail(e, what):
+        return OnnxflexError(f"onnxruntime cannot load {what}: {_summarize(e)}; check it is a valid ONNX model (onnx.checker.check_model)")
+
+    what = str(path) if path is not None else "the model"
+    if path is not None:
+        try:
+            return create(str(path))
+        except Exception as e:
+            if "IR version" not in str(e):
+                raise fail(e, what) from None
+        try:  # IR too new: load (with external data), lower it, go through the proto route
+            proto = onnx.load(str(path))
+        except Exception as e:
+            raise OnnxflexError(f"cannot read model {path}: {_summarize(e)}; check it is a valid ONNX file") from None
+    elif blob is not None:
+        try:
+            return create(blob)
+        except Exception as e:
+            if "IR version" not in str(e):
+                raise fail(e, what) from None
+        try:
+            proto = onnx.load_from_string(blob)
+        except Exception as e:
+            raise fail(e, what) from None
+
+    assert proto is not None
+    old_ir = proto.ir_version
+    fix_ir_version(proto)  # restored below: the caller's proto is not ours to change
+    try:
+        try:
+            serialized = proto.SerializeToString() if proto.ByteSize() < _PROTO_LIMIT else None
+        except Exception:
+            serialized = None
+        if serialized is not None:
+            try:
+                return create(serialized)
+            except Exception as e:
+                raise fail(e, what) from None
+        with tempfile.TemporaryDirectory(prefix="onnxflex-") as td:  # >= 2 GB: external data in a temp dir
+            f = Path(td) / "model.onnx"
+            big = onnx.ModelProto()
+            big.CopyFrom(proto)
+            onnx.save_model(big, str(f), save_as_external_data=True, all_tensors_to_one_file=True, location="model.onnx.data")
+            del big
+            try:
+                return create(str(f))  # ORT reads the weights at session creation; the dir can go afterwards
+            except Exception as e:
+                raise fail(e, what) from None
+    finally:
+        proto.ir_version = old_ir
+
+
+def input_specs(session: ort.InferenceSession) -> dict[str, tuple[list, np.dtype]]:
+    """{input name: (shape with ints for static dims and str/None for dynamic ones, numpy dtype)}."""
+    out = {}
+    for i in session.get_inputs():
+        if i.type not in _ORT_TYPES:
+            raise OnnxflexError(f"model input {i.name!r} has type {i.type}, which onnxflex cannot feed; use a model with tensor inputs")
+        out[i.name] = (list(i.shape), np.dtype(_ORT_TYPES[i.type]))
+    return out
+
+
+def output_names(session: ort.InferenceSession) -> list[str]:
+    return [o.name for o in session.get_outputs()]
+
+
+def run_batched(
+    session: ort.InferenceSession,
+    feeds_iter: Iterable[dict[str, np.ndarray]],
+    output_names: Sequence[str] | None = None,
+) -> dict[str, np.ndarray]:
+    """Run every feed dict and concatenate each output along axis 0 (outputs are assumed batch-first)."""
+    known = [o.name for o in session.get_outputs()]
+    names = list(output_names) if output_names is not None else known
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise OnnxflexError(f"model has no output(s) {', '.join(map(repr, unknown))}; its outputs are {', '.join(known)}")
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for feeds in feeds_iter:
+        try:
+            res = session.run(names, feeds)
+        except (ort.capi.onnxruntime_pybind11_state.InvalidArgument, ValueError) as e:
+            raise OnnxflexError(f"the model rejected the inputs: {_summarize(e)}; check input names, shapes and dtypes") from None
+        for n, r in zip(names, res):
+            parts[n].append(np.asarray(r))
+    out = {}
+    for n, p in parts.items():
+        if not p:
+            out[n] = np.empty((0,), np.float32)
+        elif len(p) == 1 or p[0].ndim == 0:
+            out[n] = p[0] if len(p) == 1 else np.stack(p)
+        else:
+            out[n] = np.concatenate(p, axis=0)
+    return out

@@ -1,0 +1,148 @@
+"""The Gram-form loss must equal the direct MSE of the op (value and gradient), for every layout."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from onnxflex.quantizers.gram import GramStats, conv_gram, gram_loss, gram_mse, linear_gram
+
+CONV_CASES = {
+    # name: (N, Cin, H, W, Cout, k, stride, padding(F.pad l,r,t,b or int), dilation, groups)
+    "regular": (4, 8, 10, 10, 12, 3, 1, 1, 1, 1),
+    "strided_padded_asym": (3, 6, 11, 9, 10, 3, 2, (0, 1, 1, 0), 1, 1),
+    "grouped": (2, 8, 9, 9, 12, 3, 1, 1, 1, 4),
+    "depthwise": (3, 16, 8, 8, 16, 3, 1, 1, 1, 16),
+    "depthwise_mult2_strided": (2, 8, 9, 9, 16, 3, 2, 1, 1, 8),
+    "dilated": (2, 5, 12, 12, 7, 3, 1, 2, 2, 1),
+    "pointwise": (4, 16, 6, 6, 8, 1, 1, 0, 1, 1),
+    "rect_kernel": (2, 4, 10, 8, 6, (3, 1), 1, (0, 0, 1, 1), 1, 1),
+}
+
+
+def _rel(a, b):
+    return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-30)
+
+
+def _perturb(w, gen):
+    return (w + 0.05 * torch.randn(w.shape, generator=gen)).detach()
+
+
+def _check(stats, direct_fn, w, w_hat):
+    dW = (w_hat - w).clone().requires_grad_(True)
+    gm = gram_mse(stats, dW)
+    gm.backward()
+    dW2 = (w_hat - w).clone().requires_grad_(True)
+    dm = direct_fn(w + dW2)
+    dm.backward()
+    assert _rel(gm.detach(), dm.detach()) < 1e-5, (gm.item(), dm.item())
+    assert _rel(dW.grad, dW2.grad) < 1e-4
+    # the sum form is the mean times the element count
+    assert _rel(gram_loss(stats, dW.detach()), dm.detach() * stats.count) < 1e-5
+
+
+@pytest.mark.parametrize("name", list(CONV_CASES))
+def test_conv_gram_matches_direct(name):
+    N, cin, H, W, cout, k, stride, pad, dil, g = CONV_CASES[name]
+    kh, kw = (k, k) if isinstance(k, int) else k
+    gen = torch.Generator().manual_seed(hash(name) % 1000)
+    x_fp = torch.randn(N, cin, H, W, generator=gen)
+    x_q = (x_fp / 0.1).round() * 0.1  # the inputs differ from the ones that made the target
+    w = torch.randn(cout, cin // g, kh, kw, generator=gen) * 0.3
+    b = torch.randn(cout, generator=gen)
+    p4 = (pad,) * 4 if isinstance(pad, int) else pad
+
+    def conv(x, ww, bb):
+        return F.conv2d(F.pad(x, p4), ww, bb, stride=stride, dilation=dil, groups=g)
+
+    y = conv(x_fp, w, b) + 0.01 * torch.randn(conv(x_fp, w, b).shape, generator=gen)
+    stats = conv_gram(x_q, w, b, y, stride, pad, dil, g)
+    K = cin // g * kh * kw
+    assert stats.G.shape == (g, K, K) and stats.C.shape == (cout, K)
+    assert stats.count == y.numel()
+    _check(stats, lambda ww: F.mse_loss(conv(x_q, ww, b), y), w, _perturb(w, gen))
+
+
+def test_conv_gram_symmetric_padding_pair_and_no_bias():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 9, 7, generator=gen)
+    w = torch.randn(5, 4, 3, 5, generator=gen)
+    y = F.conv2d(x, w, None, padding=(1, 2)) + 0.1
+    stats = conv_gram(x, w, None, y, 1, (1, 2), 1, 1)
+    _check(stats, lambda ww: F.mse_loss(F.conv2d(x, ww, None, padding=(1, 2)), y), w, _perturb(w, gen))
+
+
+def test_conv1d_gram():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 6, 20, generator=gen)
+    w = torch.randn(8, 3, 5, generator=gen)
+    b = torch.randn(8, generator=gen)
+
+    def conv(xx, ww):
+        return F.conv1d(F.pad(xx, (2, 1)), ww, b, stride=2, groups=2)
+
+    y = conv(x, w) * 1.01
+    stats = conv_gram(x, w, b, y, 2, (2, 1), 1, 2)
+    _check(stats, lambda ww: F.mse_loss(conv(x, ww), y), w, _perturb(w, gen))
+
+
+@pytest.mark.parametrize("shape", [(64, 24), (3, 7, 24)])
+def test_linear_gram_matches_direct(shape):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(*shape, generator=gen)
+    w = torch.randn(10, 24, generator=gen) * 0.2  # [N, K] (Gemm transB=1 layout)
+    b = torch.randn(10, generator=gen)
+    y = F.linear(x + 0.05 * torch.randn(x.shape, generator=gen), w, b)
+    stats = linear_gram(x, w, b, y)
+    assert stats.G.shape == (1, 24, 24) and stats.C.shape == (10, 24)
+    _check(stats, lambda ww: F.mse_loss(F.linear(x, ww, b), y), w, _perturb(w, gen))
+
+
+def test_matmul_layout_weight():
+    """MatMul B is [K, N]: the caller hands linear_gram its transpose and transposes dW likewise."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 16, 12, generator=gen)
+    B = torch.randn(12, 20, generator=gen) * 0.3
+    y = torch.matmul(x * 1.02, B)
+    stats = linear_gram(x, B.T, None, y)
+    B_hat = _perturb(B, gen)
+    dB = (B_hat - B).clone().requires_grad_(True)
+    gm = gram_mse(stats, dB.T)
+    gm.backward()
+    dB2 = (B_hat - B).clone().requires_grad_(True)
+    dm = F.mse_loss(torch.matmul(x, B + dB2), y)
+    dm.backward()
+    assert _rel(gm.detach(), dm.detach()) < 1e-5
+    assert _rel(dB.grad, dB2.grad) < 1e-4
+
+
+def test_merged_batches_and_float64_storage():
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(6, 4, 3, 3, generator=gen)
+    xs = [torch.randn(2, 4, 7, 7, generator=gen) for _ in range(3)]
+    ys = [F.conv2d(x, w, padding=1) + 0.1 * torch.randn(2, 6, 7, 7, generator=gen) for x in xs]
+    stats = [conv_gram(x, w, None, y, 1, 1, dtype=torch.float64) for x, y in zip(xs, ys)]
+    merged = stats[0] + stats[1] + stats[2]
+    assert isinstance(merged, GramStats) and merged.G.dtype == torch.float64
+    w_hat = _perturb(w, gen)
+    x_all, y_all = torch.cat(xs), torch.cat(ys)
+    direct = F.mse_loss(F.conv2d(x_all.double(), w_hat.double(), padding=1), y_all.double())
+    assert _rel(gram_mse(merged, w_hat - w), direct) < 1e-10
+
+
+def test_chunked_accumulation(monkeypatch):
+    """Tiny chunk budget forces the batch loop; the statistics must not change."""
+    import onnxflex.quantizers.gram as gram
+
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(5, 3, 8, 8, generator=gen)
+    w = torch.randn(4, 3, 3, 3, generator=gen)
+    y = F.conv2d(x, w, padding=1) + 1.0
+    full = conv_gram(x, w, None, y, 1, 1)
+    xl, wl = torch.randn(37, 9, generator=gen), torch.randn(5, 9, generator=gen)
+    yl = xl @ wl.T + 0.5
+    full_l = linear_gram(xl, wl, None, yl)
+    monkeypatch.setattr(gram, "_CHUNK_BYTES", 1)
+    small = conv_gram(x, w, None, y, 1, 1)
+    small_l = linear_gram(xl, wl, None, yl)
+    for a, b in ((full, small), (full_l, small_l)):
+        assert torch.allclose(a.G, b.G, rtol=1e-6) and torch.allclose(a.C, b.C, rtol=1e-6, atol=1e-6)
+        assert a.count == b.count and torch.allclose(a.r2, b.r2, rtol=1e-6)
