@@ -14,6 +14,50 @@ OPSET = 17
 IR_VERSION = 10
 
 
+def _fix_reduce_attrs(m):
+    """onnx's 18->17 adapter turns a Reduce* ``axes`` input into an attribute
+    but leaves ``noop_with_empty_axes`` behind, which opset < 18 only allows
+    on ReduceSum.  Drop it where it has its default value 0."""
+    for node in m.graph.node:
+        if node.op_type.startswith("Reduce") and node.op_type != "ReduceSum":
+            keep = [a for a in node.attribute if a.name != "noop_with_empty_axes"]
+            if any(a.name == "noop_with_empty_axes" and a.i != 0 for a in node.attribute):
+                raise ValueError(f"{node.name}: noop_with_empty_axes=1 has no opset-17 form")
+            del node.attribute[:]
+            node.attribute.extend(keep)
+    import onnx
+    onnx.checker.check_model(m)
+    return m
+
+
+def _dedupe_output_names(m):
+    """The dynamo exporter can give an internal value the same name as a
+    graph output (e.g. aten.embedding's result vs an output named
+    ``embedding``), which ORT rejects ("Duplicate definition of name").
+    Rename every earlier definition (and its uses) so that only the last
+    producer keeps the output name."""
+    g = m.graph
+    for name in [o.name for o in g.output]:
+        idx = [i for i, n in enumerate(g.node) if name in n.output]
+        if len(idx) <= 1:
+            continue
+        live, k = None, 0
+        for i, n in enumerate(g.node):
+            if live is not None:
+                for j, x in enumerate(n.input):
+                    if x == name:
+                        n.input[j] = live
+            if i == idx[-1]:
+                live = None
+            elif i in idx:
+                k += 1
+                live = f"{name}__internal{k}"
+                for j, o in enumerate(n.output):
+                    if o == name:
+                        n.output[j] = live
+    return m
+
+
 def export_onnx(model, args, path, *, exporter="torchscript", input_names,
                 output_names, dynamic_axes, opset=OPSET) -> str:
     """Export ``model`` (eval mode) to ONNX at ``path`` with either torch exporter.
@@ -57,22 +101,30 @@ def export_onnx(model, args, path, *, exporter="torchscript", input_names,
             for name in input_names
         )
         with torch.no_grad():
+            # The dynamo exporter has no opset-17 implementations; export at
+            # 18 and convert the optimized graph down (the pre-optimization
+            # conversion inside torch fails on some ops, e.g. Pad).
             prog = torch.onnx.export(
-                model, tuple(args), dynamo=True, opset_version=opset,
+                model, tuple(args), dynamo=True, opset_version=max(opset, 18),
                 input_names=list(input_names), output_names=list(output_names),
-                dynamic_shapes=dynamic_shapes, optimize=True,
-                external_data=True,
+                dynamic_shapes=dynamic_shapes, optimize=True, verbose=False,
             )
-        prog.model.ir_version = min(prog.model.ir_version, IR_VERSION)
+        m = _dedupe_output_names(prog.model_proto)
+        if opset < 18:
+            from onnx import version_converter
+            try:
+                m = _fix_reduce_attrs(version_converter.convert_version(m, opset))
+            except Exception as e:  # keep opset 18 rather than fail the build
+                import warnings
+                warnings.warn(f"dynamo export kept at opset 18: conversion to "
+                              f"{opset} failed ({e})")
+        m.ir_version = min(m.ir_version, IR_VERSION)
         data = path + ".data"
         if os.path.exists(data):
             os.remove(data)
-        prog.save(path, external_data=True)
-        # Make sure the exported model's IR version is one ORT accepts.
-        m = onnx.load(path, load_external_data=False)
-        if m.ir_version > IR_VERSION:
-            m.ir_version = IR_VERSION
-            onnx.save(m, path)
+        onnx.save_model(m, path, save_as_external_data=True,
+                        all_tensors_to_one_file=True,
+                        location=os.path.basename(data), size_threshold=1024)
     else:
         raise ValueError(f"unknown exporter {exporter!r} (torchscript|dynamo)")
     return path

@@ -131,14 +131,16 @@ def quantize(model, calib, output, method, weight_bits, act_bits, granularity, r
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--limit", type=int, default=None, help="evaluate only the first N samples")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option("--ort-opt", type=click.Choice(["basic", "all"]), default="basic", show_default=True,
+              help="ORT graph optimisation; 'all' fuses Q/DQ into ORT-CPU int8 kernels (see README)")
 @preprocess_options
 @user_errors
-def eval_cmd(model, data, labels, ref, batch_size, limit, as_json, preprocess, size, resize, mean, std):
+def eval_cmd(model, data, labels, ref, batch_size, limit, as_json, ort_opt, preprocess, size, resize, mean, std):
     """Top-1/top-5, agreement with a reference, output SQNR (or embedding cosine)."""
     from .runtime.evaluate import evaluate
 
     rep = evaluate(model, data, labels=labels, ref=ref, preprocess=_preprocess(preprocess, size, resize, mean, std),
-                   batch_size=batch_size, limit=limit)
+                   batch_size=batch_size, limit=limit, optimization=ort_opt)
     click.echo(json.dumps(rep.to_dict(), indent=2) if as_json else rep.format_table())
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from onnxflex.quantizers.gram import GramStats, conv_gram, gram_loss, gram_mse, linear_gram
+from onnxflex.quantizers.gram import GramStats, conv_gram, gram_loss, gram_mse, gram_sample_loss, linear_gram
 
 CONV_CASES = {
     # name: (N, Cin, H, W, Cout, k, stride, padding(F.pad l,r,t,b or int), dilation, groups)
@@ -16,6 +16,15 @@ CONV_CASES = {
     "pointwise": (4, 16, 6, 6, 8, 1, 1, 0, 1, 1),
     "rect_kernel": (2, 4, 10, 8, 6, (3, 1), 1, (0, 0, 1, 1), 1, 1),
 }
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tensors are tiny: one thread avoids oversubscription slowdowns on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _rel(a, b):
@@ -37,6 +46,7 @@ def _check(stats, direct_fn, w, w_hat):
     assert _rel(dW.grad, dW2.grad) < 1e-4
     # the sum form is the mean times the element count
     assert _rel(gram_loss(stats, dW.detach()), dm.detach() * stats.count) < 1e-5
+    assert _rel(gram_sample_loss(stats, dW.detach()), dm.detach() * stats.count / stats.samples) < 1e-5
 
 
 @pytest.mark.parametrize("name", list(CONV_CASES))
@@ -57,7 +67,7 @@ def test_conv_gram_matches_direct(name):
     stats = conv_gram(x_q, w, b, y, stride, pad, dil, g)
     K = cin // g * kh * kw
     assert stats.G.shape == (g, K, K) and stats.C.shape == (cout, K)
-    assert stats.count == y.numel()
+    assert stats.count == y.numel() and stats.samples == N
     _check(stats, lambda ww: F.mse_loss(conv(x_q, ww, b), y), w, _perturb(w, gen))
 
 
@@ -122,6 +132,7 @@ def test_merged_batches_and_float64_storage():
     stats = [conv_gram(x, w, None, y, 1, 1, dtype=torch.float64) for x, y in zip(xs, ys)]
     merged = stats[0] + stats[1] + stats[2]
     assert isinstance(merged, GramStats) and merged.G.dtype == torch.float64
+    assert merged.samples == 6 and merged.count == 6 * 6 * 7 * 7
     w_hat = _perturb(w, gen)
     x_all, y_all = torch.cat(xs), torch.cat(ys)
     direct = F.mse_loss(F.conv2d(x_all.double(), w_hat.double(), padding=1), y_all.double())

@@ -253,6 +253,8 @@ def test_proto_with_unloaded_external_data(exports):
     raw = onnx.load(str(exports["cbr"]), load_external_data=False)
     with pytest.raises(OnnxflexError, match="base_dir"):
         load_model(raw)
+    with pytest.raises(OnnxflexError, match="not loaded"):
+        PreparePass().run(raw)
     model = load_model(raw, base_dir=exports["cbr"].parent)
     assert "BatchNormalization" not in _ops(PreparePass().run(model))
 
@@ -298,6 +300,7 @@ def test_bn_fold_fallback_with_shared_conv_weight():
     p = PreparePass()
     out = p.run(m)
     assert "BatchNormalization" not in _ops(out)
+    assert p.stats["bn_fallback_folded"] == 2
     assert [o.name for o in out.graph.output] == ["y1", "y2"]
     _assert_same(m, out)
 
@@ -328,19 +331,36 @@ def test_opset11_upgraded():
     _assert_same(m, out)
 
 
-def test_opset_conversion_failure_is_onnxflex_error():
-    # Upsample was removed in opset 10: a converter to 13 cannot keep it.
+def test_old_opset_upsample_converted():
     nodes = [helper.make_node("Upsample", ["x", "sc"], ["y"], mode="nearest")]
     m = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2, 2])],
                [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                [_init("sc", np.array([1, 1, 2, 2], np.float32))], opset=9, ir_version=4)
-    try:
-        out = PreparePass().run(m)
-    except OnnxflexError as err:
-        assert "opset" in str(err) and "\n" not in str(err)
-    else:  # the converter managed it: then the result must be right
-        assert next(o.version for o in out.opset_import if o.domain == "") >= 13
-        _assert_same(m, out, batch=1)
+    out = PreparePass().run(m)
+    assert next(o.version for o in out.opset_import if o.domain == "") >= 13
+    assert _ops(out) == ["Resize"]
+    _assert_same(m, out, batch=1)
+
+
+def test_opset_conversion_failure_is_onnxflex_error(monkeypatch):
+    def boom(model, target):
+        raise RuntimeError("No Adapter For Current Version\n(details)")
+
+    monkeypatch.setattr(onnx.version_converter, "convert_version", boom)
+    with pytest.raises(OnnxflexError, match=r"opset 11 to 13.*opset_version>=13") as err:
+        PreparePass().run(_conv_bn_model(opset=11))
+    assert "\n" not in str(err.value)
+
+
+def test_initializers_listed_as_inputs_are_removed():
+    """Old exporters (IR < 4) list weights as graph inputs, which blocks BN folding."""
+    m = _conv_bn_model()
+    m.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                         for t in m.graph.initializer)
+    out = PreparePass().run(m)
+    assert [i.name for i in out.graph.input] == ["x"]
+    assert "BatchNormalization" not in _ops(out)
+    assert static_input_shapes(out, 2) == {"x": [2, 3, 6, 6]}
 
 
 def test_dynamic_batch_preserved_and_fixed_batch_kept():
@@ -367,3 +387,39 @@ def test_static_input_shapes():
     assert static_input_shapes(m, 2, {"seq": 3, "mask": [2, 5]})["mask"] == [2, 5]
     with pytest.raises(OnnxflexError):
         static_input_shapes(m, 0, {"seq": 3})
+
+
+class _ConvFlattenLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.drop = nn.Dropout(0.1)
+        self.fc = nn.Linear(4 * 4 * 4, 5)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.c(x)))
+        return self.fc(self.drop(y.view(y.size(0), -1)))
+
+
+def test_torchscript_opset11_dynamic_axes_export(tmp_path):
+    """Legacy exporter at opset 11, BN kept (training=PRESERVE), Shape→Gather flatten."""
+    import warnings
+
+    torch.manual_seed(0)
+    path = tmp_path / "ts.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_randomise_bn(_ConvFlattenLinear()), (torch.randn(2, 3, 6, 6),),
+                          str(path), dynamo=False, opset_version=11,
+                          training=torch.onnx.TrainingMode.PRESERVE,
+                          do_constant_folding=False, input_names=["x"],
+                          dynamic_axes={"x": {0: "batch"}})
+    model = load_model(path)
+    assert "BatchNormalization" in _ops(model)
+    out = PreparePass().run(model)
+    assert next(o.version for o in out.opset_import if o.domain == "") >= 13
+    assert "BatchNormalization" not in _ops(out) and "Constant" not in _ops(out)
+    assert out.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    _assert_same(model, out, batch=3)
+    _assert_same(model, out, batch=1)

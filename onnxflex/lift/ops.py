@@ -84,12 +84,15 @@ def numpy_to_torch(arr: np.ndarray) -> Tensor:
     """
     arr = np.asarray(arr)
     if arr.dtype.kind == "f":
-        return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
-    if arr.dtype.kind == "u" and arr.dtype != np.uint8:
-        arr = arr.astype(np.int64)
-    if arr.dtype.kind not in "biu":
+        dtype = np.float32
+    elif arr.dtype.kind == "u" and arr.dtype != np.uint8:
+        dtype = np.int64
+    elif arr.dtype.kind in "biu":
+        dtype = arr.dtype
+    else:
         raise NotImplementedError(f"constant of dtype {arr.dtype} has no torch lifting")
-    return torch.from_numpy(np.ascontiguousarray(arr))
+    # own, writable, C-ordered copy (keeps 0-d shape, unlike np.ascontiguousarray)
+    return torch.from_numpy(np.array(arr, dtype=dtype, order="C", copy=True))
 
 
 # ONNX TensorProto enum -> torch dtype used to *store* the result. Float16/bfloat16 are rounded
@@ -131,7 +134,7 @@ def onnx_to_torch_dtype(elem_type: int) -> torch.dtype:
 
 
 def _opt(inputs: list, i: int) -> Optional[Tensor]:
-    """Optional input ``i``: None when omitted or given as an empty tensor (ONNX '' input)."""
+    """Optional input ``i``: None when omitted ('' name or trailing)."""
     return inputs[i] if i < len(inputs) else None
 
 
@@ -819,7 +822,7 @@ def shape(inputs, attrs, opset):
     x = inputs[0]
     dims = list(x.shape)
     start, end = attrs.get("start", 0), attrs.get("end", len(dims))
-    return [torch.tensor(dims[start:end] if end is not None else dims[start:], dtype=torch.int64, device=x.device)]
+    return [torch.tensor(dims[start:end], dtype=torch.int64, device=x.device)]
 
 
 @register("Size")

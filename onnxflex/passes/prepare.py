@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.version_converter
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
 from google.protobuf.message import DecodeError
@@ -183,7 +184,7 @@ def _default_opset(model: onnx.ModelProto) -> int:
 
 
 def _upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
-    """onnx.version_converter to `target`; it serialises, so large weights go around it."""
+    """onnx.version_converter to `target` (it serialises the model, so not over 2 GB)."""
     old = _default_opset(model)
     if model.ByteSize() >= _PROTO_LIMIT:
         raise OnnxflexError(
@@ -331,8 +332,9 @@ class PreparePass:
       3. onnxscript's optimizer: constant folding, Conv/ConvTranspose/Gemm+BatchNormalization
          fusion, Identity/Dropout removal, Pad→Conv fusion, dead-code removal, function
          inlining; standard ONNX ops only (chosen over onnxruntime's basic-level optimiser,
-         which leaves BN after a bias-less Conv in dynamo exports, rewrites MatMul+Add into
-         Reshape+Gemm+Reshape, and fills opset_import with ORT-internal domains);
+         which left a BatchNormalization and Cast/Expand nodes in a raw dynamo export,
+         rewrote 3-D MatMul+Add into Reshape+Gemm+Reshape, and filled opset_import with
+         ORT-internal domains);
       4. hand-written Conv+BN fold for what onnxscript leaves (Conv weight shared);
       5. shape inference with data propagation, written into value_info;
       6. unique non-empty node names (later passes key on them);
@@ -350,6 +352,11 @@ class PreparePass:
     def run(self, model: onnx.ModelProto | str | os.PathLike, ctx=None) -> onnx.ModelProto:
         if not isinstance(model, onnx.ModelProto):
             model = load_model(model)
+        elif any(True for _ in _external_tensors(model)):
+            raise OnnxflexError(
+                "model references external data that is not loaded; load it with "
+                "onnxflex's load_model(path) (or load_model(proto, base_dir=...)) first"
+            )
         stats = {"opset_before": _default_opset(model)}
         if not model.graph.node:
             raise OnnxflexError("model graph has no nodes; export the model again")

@@ -52,7 +52,8 @@ class RegionReport:
     weights: list
     loss_form: str  # gram | direct | none
     rtn_mse: Optional[float] = None
-    final_mse: Optional[float] = None
+    final_mse: Optional[float] = None  # of what is deployed (RTN when learning did not help)
+    learned_mse: Optional[float] = None
     iters: int = 0
     seconds: float = 0.0
     status: str = ""
@@ -314,15 +315,18 @@ class ReconstructPass:
                 m.eval()
             rep.iters = cfg.iters
             pred = torch_outputs(module, streams.q, region.inputs, region.outputs, n, ebatch, device)
-            rep.final_mse = region_mse(pred, y_fp)
-            if not math.isfinite(rep.final_mse):
+            rep.learned_mse = region_mse(pred, y_fp)
+            if not math.isfinite(rep.learned_mse):
                 rep.status = "kept rtn: loss not finite"
-            elif rep.final_mse > rep.rtn_mse:
+            elif rep.learned_mse > rep.rtn_mse:
                 rep.status = "kept rtn: loss above rtn"
             else:
                 chosen, y_q, rep.status = learned, pred, "learned"
             if rep.status.startswith("kept"):
                 log.warning("region %s: %s", region.name, rep.status)
+                rep.final_mse = rep.rtn_mse
+            else:
+                rep.final_mse = rep.learned_mse
         else:
             rep.final_mse = rep.rtn_mse
         for w, q in zip(region.weights, chosen):
@@ -357,6 +361,13 @@ class ReconstructPass:
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.iters, eta_min=0.0)
         return opt, sched
 
+    @staticmethod
+    def _data_loss(pred, target, per_sample: bool):
+        """MSE; AdaRound's regulariser weight (lambda 0.01) is tuned for the per-sample sum instead."""
+        if per_sample:
+            return (pred - target).pow(2).reshape(pred.shape[0], -1).sum(1).mean()
+        return torch.nn.functional.mse_loss(pred, target)
+
     def _train_direct(self, ctx, region, module, quantizers, own_acts, streams, y_fp, rng, device):
         """Block regions: real forward/backward passes of the lifted region on random mini-batches."""
         from ..progress import progress_bar
@@ -368,6 +379,7 @@ class ReconstructPass:
         act_params = [p for m in own_acts for p in m.parameters()]
         opt, sched = self._optimizer(ctx, [p for q in quantizers for p in q.parameters()], act_params)
         float_outs = [o for o in region.outputs if y_fp[o].dtype in FLOAT_TYPES]
+        per_sample = cfg.method == "adaround"
         bar = progress_bar(total=cfg.iters, desc=f"  {region.name}", leave=False, enable=cfg.progress)
         for it in range(cfg.iters):
             idx = np.sort(rng.choice(n, bs, replace=False))
@@ -376,7 +388,7 @@ class ReconstructPass:
             for q in quantizers:
                 q.set_progress(it / cfg.iters)
             out = module(*feeds)
-            loss = sum(torch.nn.functional.mse_loss(out[o], _to_torch(y_fp[o][idx], device)) for o in float_outs)
+            loss = sum(self._data_loss(out[o], _to_torch(y_fp[o][idx], device), per_sample) for o in float_outs)
             loss = loss / max(1, len(float_outs)) + sum(q.regularizer() for q in quantizers)
             if not torch.isfinite(loss):
                 raise FloatingPointError
@@ -420,7 +432,8 @@ class ReconstructPass:
         for it in range(cfg.iters):
             quantizer.set_progress(it / cfg.iters)
             dw = out_by_in(quantizer() - w, spec)
-            loss = gram_mod.gram_mse(stats[it % len(stats)], dw) + quantizer.regularizer()
+            data = gram_mod.gram_sample_loss if cfg.method == "adaround" else gram_mod.gram_mse
+            loss = data(stats[it % len(stats)], dw) + quantizer.regularizer()
             if not torch.isfinite(loss):
                 raise FloatingPointError
             opt.zero_grad(set_to_none=True)

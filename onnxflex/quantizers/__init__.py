@@ -12,7 +12,7 @@ from torch import Tensor
 from .activation import ActQuantizer, grad_scale, qdrop
 from .adaround import AdaRoundQuantizer
 from .flexround import FlexRoundQuantizer
-from .gram import GramStats, conv_gram, gram_loss, gram_mse, linear_gram
+from .gram import GramStats, conv_gram, gram_loss, gram_mse, gram_sample_loss, linear_gram
 from .grid import (WeightQuantizer, act_qrange, init_weight_scale, quantize_weight, round_ste,
                    weight_qrange)
 from .rtn import RTNQuantizer
@@ -33,5 +33,5 @@ def make_weight_quantizer(method: str, weight: Tensor, bits: int, out_axis: Opti
 __all__ = [
     "WeightQuantizer", "RTNQuantizer", "FlexRoundQuantizer", "AdaRoundQuantizer", "make_weight_quantizer",
     "WEIGHT_QUANTIZERS", "ActQuantizer", "grad_scale", "qdrop", "GramStats", "conv_gram", "linear_gram",
-    "gram_loss", "gram_mse", "weight_qrange", "act_qrange", "round_ste", "init_weight_scale", "quantize_weight",
+    "gram_loss", "gram_mse", "gram_sample_loss", "weight_qrange", "act_qrange", "round_ste", "init_weight_scale", "quantize_weight",
 ]

@@ -48,7 +48,9 @@ class ActQuantizer(nn.Module):
         if not self.enabled:
             return x
         s = self._step(x.numel())
-        return torch.clamp(round_ste(x / s), self.qmin, self.qmax) * s
+        # clamp before rounding (LSQ's order): same values as QuantizeLinear's round-then-saturate
+        # since the bounds are integers, but the gradient treats z in (qmax, qmax + 0.5] as clipped
+        return round_ste(torch.clamp(x / s, self.qmin, self.qmax)) * s
 
     def scale(self) -> float:
         """Current step as a Python float (written as the QuantizeLinear/DequantizeLinear scale)."""

@@ -38,13 +38,15 @@ _CHUNK_BYTES = 256 * 1024 * 1024
 class GramStats:
     """Sufficient statistics of one (or several merged) mini-batches for one weighted op.
 
-    G: [g, K, K]; C: [Cout, K]; r2: 0-d ||R||^2; count: number of output elements (for the mean).
+    G: [g, K, K]; C: [Cout, K]; r2: 0-d ||R||^2; count: number of output elements (for the mean);
+    samples: number of samples (x.shape[0]), for the per-sample loss scale AdaRound's lambda assumes.
     """
 
     G: Tensor
     C: Tensor
     r2: Tensor
     count: int
+    samples: int = 0
 
     @property
     def groups(self) -> int:
@@ -52,11 +54,12 @@ class GramStats:
 
     def __add__(self, other: "GramStats") -> "GramStats":
         """Merge two mini-batches: the sum form is additive, so the merged loss is over both."""
-        return GramStats(self.G + other.G, self.C + other.C, self.r2 + other.r2, self.count + other.count)
+        return GramStats(self.G + other.G, self.C + other.C, self.r2 + other.r2, self.count + other.count,
+                         self.samples + other.samples)
 
     def to(self, *args, **kwargs) -> "GramStats":
         return GramStats(self.G.to(*args, **kwargs), self.C.to(*args, **kwargs), self.r2.to(*args, **kwargs),
-                         self.count)
+                         self.count, self.samples)
 
 
 def _pad4(padding: Union[int, Sequence[int]], nd: int) -> Tuple[int, ...]:
@@ -136,7 +139,7 @@ def conv_gram(x: Tensor, w: Tensor, b: Optional[Tensor], y: Tensor, stride=1, pa
         C += torch.bmm(rg, xg.transpose(1, 2))
         r2 += (r * r).sum()
         count += r.numel()
-    return GramStats(G.to(dtype), C.reshape(cout, K).to(dtype), r2.to(dtype), count)
+    return GramStats(G.to(dtype), C.reshape(cout, K).to(dtype), r2.to(dtype), count, N)
 
 
 def linear_gram(x: Tensor, w2d: Tensor, b: Optional[Tensor], y: Tensor, accum_dtype: torch.dtype = torch.float64,
@@ -160,7 +163,8 @@ def linear_gram(x: Tensor, w2d: Tensor, b: Optional[Tensor], y: Tensor, accum_dt
         G += xc.T @ xc
         C += r.T @ xc
         r2 += (r * r).sum()
-    return GramStats(G.unsqueeze(0).to(dtype), C.to(dtype), r2.to(dtype), yf.numel())
+    samples = x.shape[0] if x.ndim >= 2 else 1
+    return GramStats(G.unsqueeze(0).to(dtype), C.to(dtype), r2.to(dtype), yf.numel(), samples)
 
 
 def gram_loss(stats: GramStats, dW: Tensor) -> Tensor:
@@ -176,3 +180,15 @@ def gram_loss(stats: GramStats, dW: Tensor) -> Tensor:
 def gram_mse(stats: GramStats, dW: Tensor) -> Tensor:
     """Equals F.mse_loss(op(X, W + dW) + b, Y) (mean over output elements) up to float error."""
     return gram_loss(stats, dW) / stats.count
+
+
+def gram_sample_loss(stats: GramStats, dW: Tensor) -> Tensor:
+    """Squared error summed over each sample's outputs, averaged over samples (x.shape[0]).
+
+    This is the reconstruction-loss scale of the AdaRound/BRECQ code, for which AdaRound's
+    lambda = 0.01 was tuned; with ``gram_mse`` the rounding regulariser is ``count/samples`` times
+    stronger relative to the data term.
+    """
+    if stats.samples <= 0:
+        raise ValueError("these GramStats do not record a sample count")
+    return gram_loss(stats, dW) / stats.samples

@@ -54,13 +54,17 @@ def _norm_axis(axis: Optional[int], ndim: int) -> Optional[int]:
 
 
 def init_weight_scale(w: Tensor, bits: int, out_axis: Optional[int], method: str = "lp",
-                      p: float = 2.4, n_grid: int = 100, min_ratio: float = 0.3) -> Tensor:
+                      p: float = 2.4, n_grid: int = 20, n_refine: int = 20, min_ratio: float = 0.3) -> Tensor:
     """Initial symmetric weight scale, per channel of ``out_axis`` (or per tensor when None).
 
-    ``minmax``: max|w| / qmax. ``lp`` (default): search ``n_grid`` clipping ratios in
-    [min_ratio, 1] of max|w| and keep, per channel, the scale minimising sum |w - Q(w)|^p; at 4 bits
-    and below clipping a few outliers wins a finer grid for the rest. ``mse`` is ``lp`` with p = 2.
-    The search loops over candidate ratios (vectorised over channels), so memory stays O(numel).
+    ``minmax``: max|w| / qmax. ``lp`` (default): search clipping ratios r in [min_ratio, 1] of
+    max|w| and keep, per channel, the scale minimising sum |w - Q(w)|^p; at 4 bits and below clipping
+    a few outliers wins a finer grid for the rest. ``mse`` is ``lp`` with p = 2.
+    The search is coarse-to-fine for speed: ``n_grid`` evenly spaced ratios (r = 1, i.e. minmax,
+    included, so lp never loses to minmax), then ``n_refine`` ratios per channel within one coarse
+    step of that channel's best: 40 passes over the weight reach a finer resolution (~0.004) than
+    a flat 100-point grid (0.007); |e|^2.4 dominates the cost (~1 s per 10^6 weights here).
+    Each pass is vectorised over channels; memory stays O(numel).
 
     Returns float32 with shape broadcastable to ``w`` (keepdims on ``out_axis``; all ones per
     tensor). All-zero channels get scale 1/qmax (any positive scale quantizes them to 0).
@@ -80,15 +84,31 @@ def init_weight_scale(w: Tensor, bits: int, out_axis: Optional[int], method: str
         s = amax / qmax
     elif method in ("lp", "mse"):
         pp = 2.0 if method == "mse" else float(p)
-        best_s = amax / qmax
-        best_err = torch.full_like(amax, float("inf"))
-        for r in torch.linspace(1.0, min_ratio, n_grid).tolist():
-            s_r = amax * (r / qmax)
+
+        def lp_err(s_r: Tensor) -> Tensor:
             sb = s_r[:, None]
-            err = (wf - torch.clamp(torch.round(wf / sb), qmin, qmax) * sb).abs_().pow_(pp).sum(dim=1)
+            return (wf - torch.clamp(torch.round(wf / sb), qmin, qmax) * sb).abs_().pow_(pp).sum(dim=1)
+
+        best_s = amax / qmax
+        best_r = torch.ones_like(amax)
+        best_err = lp_err(best_s)
+        n_grid = max(int(n_grid), 2)
+        step = (1.0 - min_ratio) / (n_grid - 1)
+        for r in torch.linspace(1.0, min_ratio, n_grid).tolist()[1:]:
+            s_r = amax * (r / qmax)
+            err = lp_err(s_r)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_s = torch.where(better, s_r, best_s)
+            best_r = torch.where(better, torch.full_like(best_r, r), best_r)
+        if n_refine > 0:
+            for u in torch.linspace(-1.0, 1.0, int(n_refine) + 2).tolist()[1:-1]:
+                r_c = (best_r + u * step).clamp(min_ratio * 0.5, 1.0)
+                s_r = amax * r_c / qmax
+                err = lp_err(s_r)
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best_s = torch.where(better, s_r, best_s)
         s = best_s
     else:
         raise ValueError(f"unknown scale method {method!r}; use lp, mse or minmax")

@@ -14,7 +14,7 @@ import re
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import onnx

