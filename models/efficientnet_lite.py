@@ -75,15 +75,18 @@ class Conv2dPad(nn.Conv2d):
 
     def forward(self, x):
         k, st = self.kernel_size[0], self.stride[0]
-        if self.mode == "same" and k > 1 and st == 2:
-            # TF SAME, stride 2: total pad = max((ceil(n/2)-1)*2 + k - n, 0),
-            # the extra pixel going after (bottom/right).  For even n that is
-            # (k//2 - 1, k//2), which equals dropping the first row/column and
-            # padding k//2 on both sides; for odd n it is (k//2, k//2).  Using
-            # a Slice (not F.pad) keeps both exporters' graphs static and free
-            # of pad-computation subgraphs.  H, W are static in our exports.
+        if self.mode == "same" and k > 1 and st > 1:
+            # TF SAME: total pad = max((ceil(n/s)-1)*s + k - n, 0) per spatial
+            # dim, the extra pixel going after (bottom/right); for stride 2
+            # and even n that is (k//2 - 1, k//2).  H, W are static in our
+            # exports (only the batch is dynamic), so the pads are constants;
+            # models.export_onnx folds the Pad into the Conv's pads.
             ih, iw = int(x.shape[-2]), int(x.shape[-1])
-            x = x[..., int(ih % 2 == 0):, int(iw % 2 == 0):]
+            ph = max((math.ceil(ih / st) - 1) * st + k - ih, 0)
+            pw = max((math.ceil(iw / st) - 1) * st + k - iw, 0)
+            x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+            return F.conv2d(x, self.weight, self.bias, self.stride, 0,
+                            self.dilation, self.groups)
         # stride 1 (odd k): SAME == symmetric k//2, set in __init__.
         return super().forward(x)
 

@@ -97,9 +97,17 @@ def load_minilm():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from transformers import BertModel
+    from transformers.utils import logging as hf_logging
 
-    bert = BertModel.from_pretrained(model_dir(), attn_implementation="eager",
-                                     add_pooling_layer=False)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the checkpoint's unused pooler.* keys
+    hf_logging.disable_progress_bar()
+    try:
+        bert = BertModel.from_pretrained(model_dir(), attn_implementation="eager",
+                                         add_pooling_layer=False)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
     return _sentence_embedder_cls()(bert).eval()
 
 

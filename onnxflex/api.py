@@ -185,7 +185,7 @@ def _validate(ctx: Context, fp_model) -> dict:
     from .runtime.session import make_session
 
     try:
-        sess = make_session(ctx.qdq_model, optimization="basic")
+        sess = make_session(ctx.qdq_model, optimization="disable")
     except OnnxflexError as e:
         raise RuntimeError(f"internal error: the written QDQ model does not load in ONNX Runtime: {e}") from None
     n = min(ctx.calibration.num_samples, 64)

@@ -131,7 +131,7 @@ def quantize(model, calib, output, method, weight_bits, act_bits, granularity, r
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--limit", type=int, default=None, help="evaluate only the first N samples")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-@click.option("--ort-opt", type=click.Choice(["basic", "all"]), default="basic", show_default=True,
+@click.option("--ort-opt", type=click.Choice(["disable", "basic", "all"]), default="disable", show_default=True,
               help="ORT graph optimisation; 'all' fuses Q/DQ into ORT-CPU int8 kernels (see README)")
 @preprocess_options
 @user_errors

@@ -14,7 +14,7 @@ import onnx
 from ..graph import Graph
 from ..passes.partition import _weight_dependent
 
-SAMPLE_PER_TENSOR = 1 << 20  # values kept per tensor for percentile / MSE search
+SAMPLE_PER_TENSOR = 1 << 18  # values kept per tensor for percentile / MSE search
 
 
 @dataclass
@@ -68,13 +68,16 @@ def scale_from_samples(samples: np.ndarray, absmax: float, bits: int, method: st
         return max(clip, 1e-12) / qmax
     # mse: the clipping value minimising the quantization MSE on the sample
     x = samples.astype(np.float32)
-    best, best_err = absmax, np.inf
-    for ratio in np.linspace(0.05, 1.0, 96):
+
+    def err(ratio):
         s = ratio * absmax / qmax
-        err = float(np.mean((np.clip(np.round(x / s), -qmax - 1, qmax) * s - x) ** 2))
-        if err < best_err:
-            best, best_err = ratio * absmax, err
-    return best / qmax
+        return float(np.mean((np.clip(np.round(x / s), -qmax - 1, qmax) * s - x) ** 2))
+
+    # coarse grid, then a fine one around the best coarse ratio
+    coarse = np.linspace(0.05, 1.0, 20)
+    r0 = coarse[int(np.argmin([err(r) for r in coarse]))]
+    fine = np.clip(np.linspace(r0 - 0.05, r0 + 0.05, 21), 0.01, 1.0)
+    return float(fine[int(np.argmin([err(r) for r in fine]))]) * absmax / qmax
 
 
 def calibrate_points(model: onnx.ModelProto, points: dict[str, ActPoint], batches, bits: int,

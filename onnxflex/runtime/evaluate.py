@@ -218,7 +218,7 @@ def evaluate(
     limit: int | None = None,
     threads: int | None = None,
     output: str | None = None,
-    optimization: str = "basic",
+    optimization: str = "disable",
 ) -> EvalReport:
     """Evaluate ``model`` on ``data``; see the module docstring for what is measured when.
 
