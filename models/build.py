@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         for n, (_, pp) in MODELS.items():
             print(f"{n}: {pp}")
         return 0
+    if a.eval and a.name not in IMAGE_MODELS:
+        ap.error(f"--eval applies to image models: {', '.join(IMAGE_MODELS)}")
     out = a.output
     tmp = None
     if out is None:
@@ -130,8 +132,6 @@ def main(argv: list[str] | None = None) -> int:
     path = build(a.name, out, exporter=a.exporter)
     print(f"wrote {path}" + (" (+ .data)" if os.path.exists(path + ".data") else ""))
     if a.eval:
-        if a.name not in IMAGE_MODELS:
-            ap.error(f"--eval applies to image models: {', '.join(IMAGE_MODELS)}")
         x, y = load_imagenet_sample(MODELS[a.name][1], limit=a.limit)
         print(f"{a.name} FP32 top-1 on {len(y)} images: {top1(path, x, y):.4f}")
     return 0

@@ -31,6 +31,7 @@ from .partition import Region
 
 log = logging.getLogger("onnxflex")
 FLOAT_TYPES = (np.float32, np.float16, np.float64)
+EVAL_SAMPLES = 64  # calibration samples on which a region's RTN and learned output errors are compared
 
 
 @dataclass
@@ -103,10 +104,19 @@ def torch_outputs(module, store: TensorStore, inputs: list, outputs: list, n: in
     return {o: np.concatenate(v) for o, v in res.items()}
 
 
-def region_mse(pred: dict, target: dict) -> float:
-    errs = [float(np.mean((pred[o].astype(np.float64) - target[o]) ** 2))
-            for o in target if target[o].dtype in FLOAT_TYPES]
-    return float(np.mean(errs)) if errs else 0.0
+@torch.no_grad()
+def region_mse(module, store: TensorStore, inputs: list, targets: dict, n: int, batch: int, device) -> float:
+    """Mean over the region's float outputs of the output MSE on the first ``n`` samples (streamed)."""
+    names = [o for o, t in targets.items() if t.dtype in FLOAT_TYPES]
+    if not names:
+        return 0.0
+    sq = {o: 0.0 for o in names}
+    for s in range(0, n, batch):
+        outs = module(*[_to_torch(store[i][s:s + batch], device) for i in inputs])
+        for o in names:
+            d = outs[o].float() - _to_torch(targets[o][s:s + batch], device)
+            sq[o] += float(torch.sum(d * d, dtype=torch.float64))
+    return float(np.mean([sq[o] / targets[o][:n].size for o in names]))
 
 
 def out_by_in(w: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
@@ -288,11 +298,10 @@ class ReconstructPass:
         rtn_q = quantizers_for("rtn")
         for m in act_quant.values():
             m.eval()
-        with torch.no_grad():
-            rtn_pred = torch_outputs(build(rtn_q), streams.q, region.inputs, region.outputs, n, ebatch, device)
-        rep.rtn_mse = region_mse(rtn_pred, y_fp)
-        chosen, y_q = rtn_q, rtn_pred
-        rep.status = "rtn"
+        # before/after errors on the first EVAL_SAMPLES samples: a full pass only for what is kept
+        n_eval = min(n, EVAL_SAMPLES)
+        rep.rtn_mse = region_mse(build(rtn_q), streams.q, region.inputs, y_fp, n_eval, ebatch, device)
+        chosen, rep.status = rtn_q, "rtn"
         if cfg.method != "rtn" and cfg.iters > 0:
             learned = quantizers_for(cfg.method)
             own_acts = [m for t, m in act_quant.items() if act_owner.get(t) == region.index]
@@ -300,13 +309,14 @@ class ReconstructPass:
             use_gram = gram_applicable(graph, region)
             rep.loss_form = "gram" if use_gram else "direct"
             rng = np.random.default_rng(cfg.seed + 7919 * region.index)
+            gen = torch.Generator().manual_seed(cfg.seed + 7919 * region.index)
             try:
                 if use_gram:
                     spec = region.weights[0]
                     act = act_quant.get(spec.data_input) if spec.node in act_consumers.get(spec.data_input, ()) else None
-                    self._train_gram(graph, ctx, region, act, learned[0], streams, y_fp_all, rng, device)
+                    self._train_gram(graph, ctx, region, act, learned[0], streams, y_fp_all, rng, gen, device)
                 else:
-                    self._train_direct(ctx, region, module, learned, own_acts, streams, y_fp, rng, device)
+                    self._train_direct(ctx, region, module, learned, own_acts, streams, y_fp, rng, gen, device)
             except FloatingPointError:
                 pass
             for q in learned:
@@ -314,14 +324,13 @@ class ReconstructPass:
             for m in act_quant.values():
                 m.eval()
             rep.iters = cfg.iters
-            pred = torch_outputs(module, streams.q, region.inputs, region.outputs, n, ebatch, device)
-            rep.learned_mse = region_mse(pred, y_fp)
+            rep.learned_mse = region_mse(module, streams.q, region.inputs, y_fp, n_eval, ebatch, device)
             if not math.isfinite(rep.learned_mse):
                 rep.status = "kept rtn: loss not finite"
             elif rep.learned_mse > rep.rtn_mse:
                 rep.status = "kept rtn: loss above rtn"
             else:
-                chosen, y_q, rep.status = learned, pred, "learned"
+                chosen, rep.status = learned, "learned"
             if rep.status.startswith("kept"):
                 log.warning("region %s: %s", region.name, rep.status)
                 rep.final_mse = rep.rtn_mse
@@ -329,6 +338,7 @@ class ReconstructPass:
                 rep.final_mse = rep.learned_mse
         else:
             rep.final_mse = rep.rtn_mse
+        y_q = torch_outputs(build(chosen), streams.q, region.inputs, region.outputs, n, ebatch, device)
         for w, q in zip(region.weights, chosen):
             ctx.weight_results[w.node] = WeightResult(
                 w, q.integers().detach().cpu().numpy().astype(np.int32),
@@ -344,13 +354,15 @@ class ReconstructPass:
             streams.q.put(o, v)
 
     @staticmethod
-    def _mix(xq, xfp, p, rng):
+    def _mix(xq, xfp, p, gen, device):
         """QDrop: feed the region quantized inputs with probability p, FP inputs otherwise, element-wise."""
         if p >= 1.0 or xq.dtype not in FLOAT_TYPES:
-            return xq
+            return _to_torch(xq, device)
         if p <= 0.0:
-            return xfp
-        return np.where(rng.random(xq.shape, dtype=np.float32) < p, xq, xfp)
+            return _to_torch(xfp, device)
+        q, f = _to_torch(xq, device), _to_torch(xfp, device)
+        keep = torch.rand(q.shape, generator=gen, device="cpu").to(device) < p
+        return torch.where(keep, q, f)
 
     def _optimizer(self, ctx, weight_params, act_params):
         cfg = ctx.config
@@ -368,7 +380,7 @@ class ReconstructPass:
             return (pred - target).pow(2).reshape(pred.shape[0], -1).sum(1).mean()
         return torch.nn.functional.mse_loss(pred, target)
 
-    def _train_direct(self, ctx, region, module, quantizers, own_acts, streams, y_fp, rng, device):
+    def _train_direct(self, ctx, region, module, quantizers, own_acts, streams, y_fp, rng, gen, device):
         """Block regions: real forward/backward passes of the lifted region on random mini-batches."""
         from ..progress import progress_bar
 
@@ -383,7 +395,7 @@ class ReconstructPass:
         bar = progress_bar(total=cfg.iters, desc=f"  {region.name}", leave=False, enable=cfg.progress)
         for it in range(cfg.iters):
             idx = np.sort(rng.choice(n, bs, replace=False))
-            feeds = [_to_torch(self._mix(streams.q[t][idx], streams.fp[t][idx], cfg.drop_prob, rng), device)
+            feeds = [self._mix(streams.q[t][idx], streams.fp[t][idx], cfg.drop_prob, gen, device)
                      for t in region.inputs]
             for q in quantizers:
                 q.set_progress(it / cfg.iters)
@@ -401,7 +413,7 @@ class ReconstructPass:
             bar.update(1)
         bar.close()
 
-    def _train_gram(self, graph, ctx, region, act, quantizer, streams, y_fp_all, rng, device):
+    def _train_gram(self, graph, ctx, region, act, quantizer, streams, y_fp_all, rng, gen, device):
         """Layer regions: the exact quadratic form of the linear-output MSE, per cached mini-batch."""
         from ..progress import progress_bar
 
@@ -417,16 +429,16 @@ class ReconstructPass:
         with torch.no_grad():
             for s in range(0, n, bs):
                 idx = np.sort(order[s:s + bs])
-                x = _to_torch(self._mix(streams.q[spec.data_input][idx], streams.fp[spec.data_input][idx],
-                                        cfg.drop_prob, rng), device)
+                x = self._mix(streams.q[spec.data_input][idx], streams.fp[spec.data_input][idx],
+                              cfg.drop_prob, gen, device)
                 if act is not None:
                     x = act(x)
                 y = _to_torch(y_lin[idx], device)
                 if spec.op_type == "Conv":
                     geo = _conv_geometry(node, tuple(x.shape), tuple(w.shape))
-                    stats.append(gram_mod.conv_gram(x, w, b, y, **geo))
+                    stats.append(gram_mod.conv_gram(x, w, b, y, **geo, accum_dtype=torch.float32))
                 else:
-                    stats.append(gram_mod.linear_gram(x, out_by_in(w, spec), b, y))
+                    stats.append(gram_mod.linear_gram(x, out_by_in(w, spec), b, y, accum_dtype=torch.float32))
         opt, sched = self._optimizer(ctx, list(quantizer.parameters()), [])
         bar = progress_bar(total=cfg.iters, desc=f"  {region.name}", leave=False, enable=cfg.progress)
         for it in range(cfg.iters):

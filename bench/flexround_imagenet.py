@@ -1,0 +1,123 @@
+"""FlexRound vs AdaRound vs round-to-nearest on a real ImageNet CNN, through the `onnxflex` CLI.
+
+Calibration: ../shared/data/imagenet-sample/calib (256 images); evaluation: .../val (244 labelled
+images). Each quantization runs as its own `onnxflex quantize` process so wall time and peak memory
+(the process's max RSS, from its report) belong to that row alone.
+
+    python bench/flexround_imagenet.py --model efficientnet_lite0 --rows rtn:w4a8,flexround:w4a8 --preset fast
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from models.build import IMAGENET_SAMPLE, MODELS  # noqa: E402
+from onnxflex.calib import make_preprocess  # noqa: E402
+from onnxflex.runtime.evaluate import evaluate  # noqa: E402
+
+DEFAULT_ROWS = ("rtn:w8a8,adaround:w8a8,flexround:w8a8,rtn:w4a8,adaround:w4a8,flexround:w4a8,"
+                "rtn:w3a8,flexround:w3a8,rtn:w4a16,flexround:w4a16")
+
+
+def preprocess_for(name: str):
+    pp = MODELS[name][1]
+    return make_preprocess(None, size=pp["size"], resize=pp["resize"], mean=pp["mean"], std=pp["std"],
+                           interpolation=pp["interpolation"])
+
+
+def pp_flags(name: str) -> list:
+    pp = MODELS[name][1]
+    flags = ["--size", str(pp["size"]), "--resize", str(pp["resize"]),
+             "--mean", ",".join(f"{v:.6f}" for v in pp["mean"]), "--std", ",".join(f"{v:.6f}" for v in pp["std"])]
+    return (["--preprocess", "tf"] if pp["interpolation"] == "bicubic" else ["--preprocess", "torch"]) + flags
+
+
+def parse_row(row: str):
+    method, bits = row.split(":")
+    w, a = bits.lower().lstrip("w").split("a")
+    return method, int(w), int(a)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="efficientnet_lite0", choices=[m for m in MODELS if m != "minilm"])
+    ap.add_argument("--rows", default=DEFAULT_ROWS, help="method:wXaY, comma-separated")
+    ap.add_argument("--preset", default="fast")
+    ap.add_argument("--iters", type=int, default=None)
+    ap.add_argument("--regions", default="auto")
+    ap.add_argument("--granularity", default="channel")
+    ap.add_argument("--calib-size", type=int, default=256)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--work", default=str(ROOT / "artifacts" / "bench"))
+    ap.add_argument("--tag", default="", help="suffix for the results file")
+    args = ap.parse_args()
+    if not (IMAGENET_SAMPLE / "val" / "labels.csv").exists():
+        sys.exit(f"needs the ImageNet sample at {IMAGENET_SAMPLE} (../shared beside the repo)")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    fp32 = work / f"{args.model}.onnx"
+    if not fp32.exists():
+        MODELS[args.model][0](str(fp32))
+    pp = preprocess_for(args.model)
+    val = str(IMAGENET_SAMPLE / "val")
+    base = evaluate(str(fp32), val, preprocess=pp)
+    rows = [dict(method="fp32", bits="W32A32", top1=base.top1 * 100, agree=100.0, seconds=None, peak_mb=None,
+                 iters=None, sqnr=None)]
+    print(f"fp32 top-1 {base.top1 * 100:.2f}", flush=True)
+    for spec in args.rows.split(","):
+        method, wb, ab = parse_row(spec.strip())
+        out = work / f"{args.model}_{method}_w{wb}a{ab}_{args.preset}{args.tag}.onnx"
+        report = out.with_suffix(".report.json")
+        cmd = [sys.executable, "-m", "onnxflex.cli", "quantize", str(fp32), "--calib", str(IMAGENET_SAMPLE / "calib"),
+               "-o", str(out), "--method", method, "--weight-bits", str(wb), "--act-bits", str(ab),
+               "--preset", args.preset, "--regions", args.regions, "--granularity", args.granularity,
+               "--calib-size", str(args.calib_size), "--device", args.device, "--report", str(report), "-q",
+               *pp_flags(args.model)]
+        if args.iters is not None:
+            cmd += ["--iters", str(args.iters)]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            print(f"{spec}: FAILED\n{proc.stderr[-3000:]}", flush=True)
+            continue
+        summary = json.loads(report.read_text())["summary"]
+        ev = evaluate(str(out), val, ref=str(fp32), preprocess=pp)
+        rows.append(dict(method=method, bits=f"W{wb}A{ab}", top1=ev.top1 * 100, agree=ev.agreement * 100,
+                         seconds=wall, peak_mb=summary["peak_rss_mb"], iters=summary["iters"], sqnr=ev.sqnr_db))
+        print(f"{spec}: top-1 {ev.top1 * 100:.2f} agree {ev.agreement * 100:.1f} ({wall:.0f} s)", flush=True)
+
+    cmdline = "python bench/flexround_imagenet.py " + " ".join(sys.argv[1:])
+    head = (f"# {args.model}: FlexRound / AdaRound / RTN (onnxflex)\n\n"
+            f"- calibration: {args.calib_size} images of imagenet-sample/calib; evaluation: 244 images of imagenet-sample/val\n"
+            f"- weights per-{args.granularity}, symmetric; first and last weighted op 8-bit; activations int8 per-tensor (A16: int16)\n"
+            f"- preset {args.preset}, regions {args.regions}, iterations per region as listed; device {args.device}\n"
+            f"- machine: {platform.machine()}, {subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores; "
+            f"ORT CPU provider with graph optimisations off (Q/DQ as written)\n"
+            f"- reproduce: `{cmdline}`\n\n")
+    table = ["| method | bits | iters | top-1 % | Δ vs FP32 | agree % | out SQNR dB | quant time s | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
+        table.append(f"| {r['method']} | {r['bits']} | {f(r['iters'], 'd')} | {r['top1']:.2f} | "
+                     f"{r['top1'] - rows[0]['top1']:+.2f} | {r['agree']:.1f} | {f(r['sqnr'], '.1f')} | "
+                     f"{f(r['seconds'], '.0f')} | {f(r['peak_mb'], '.0f')} |")
+    text = head + "\n".join(table) + "\n"
+    print("\n" + text)
+    res = ROOT / "bench" / "results"
+    res.mkdir(parents=True, exist_ok=True)
+    name = f"flexround_imagenet_{args.model}_{args.preset}_{args.regions}{args.tag}"
+    (res / f"{name}.md").write_text(text)
+    (res / f"{name}.json").write_text(json.dumps(dict(args=vars(args), rows=rows), indent=2))
+
+
+if __name__ == "__main__":
+    main()
