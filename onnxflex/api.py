@@ -120,7 +120,7 @@ def quantize(model, output, calibration, config: Optional[QuantConfig] = None, *
     ``weight_bits=4``...) replace its fields. Nothing is written unless the whole run succeeds.
     """
     from .passes.calibrate import CalibratePass
-    from .passes.partition import PartitionPass, tensor_sizes
+    from .passes.partition import PartitionPass, auto_mode, tensor_sizes
     from .passes.prepare import PreparePass, load_model
     from .passes.qdq import QDQPass
     from .passes.reconstruct import ReconstructPass
@@ -156,7 +156,7 @@ def quantize(model, output, calibration, config: Optional[QuantConfig] = None, *
         regions=len(ctx.regions), weights_quantized=len(ctx.weight_results),
         act_points=len(ctx.act_points), device=ctx.device, method=cfg.method, preset=cfg.preset,
         iters=cfg.iters, weight_bits=cfg.weight_bits, act_bits=cfg.act_bits, granularity=cfg.granularity,
-        region_mode=cfg.regions,
+        region_mode=cfg.regions if cfg.regions != "auto" else f"auto:{auto_mode(ctx.device)}",
     )
     violations = _rule_check(ctx.qdq_model, cfg.target)
     summary["rule_violations"] = len(violations)

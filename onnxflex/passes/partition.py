@@ -170,10 +170,16 @@ def tensor_sizes(shapes: dict) -> dict:
     return {t: int(np.prod(s[1:])) if len(s) > 1 else 1 for t, s in shapes.items()}
 
 
+def auto_mode(device: str) -> str:
+    """auto: blocks where forward/backward passes are affordable (a GPU), else single-op regions,
+    whose exact Gram-form loss makes an iteration independent of the activation size (CPU)."""
+    return "block" if device == "cuda" else "layer"
+
+
 class PartitionPass:
     """Graph -> regions, stored on the context for the reconstruct pass."""
 
     def run(self, graph: Graph, ctx) -> Graph:
-        ctx.regions = partition(graph, ctx.config.regions if ctx.config.regions != "auto" else "block",
-                                quantize=ctx.quantize_nodes, sizes=ctx.tensor_sizes)
+        mode = ctx.config.regions if ctx.config.regions != "auto" else auto_mode(ctx.device)
+        ctx.regions = partition(graph, mode, quantize=ctx.quantize_nodes, sizes=ctx.tensor_sizes)
         return graph

@@ -94,6 +94,18 @@ def _to_torch(a, device):
     return torch.from_numpy(np.ascontiguousarray(a)).to(device)
 
 
+def stage(a: np.ndarray, device, chunk: int = 64) -> torch.Tensor:
+    """A region's calibration tensor for training: shared with numpy on the CPU; on a GPU, copied
+    once into device memory in pinned, batched host-to-device copies (then indexed on the device)."""
+    if device.type != "cuda":
+        return torch.from_numpy(np.ascontiguousarray(a))
+    out = torch.empty(a.shape, dtype=torch.from_numpy(a[:1].copy()).dtype, device=device)
+    for s in range(0, a.shape[0], chunk):
+        out[s:s + chunk].copy_(torch.from_numpy(np.ascontiguousarray(a[s:s + chunk])).pin_memory(), non_blocking=True)
+    torch.cuda.synchronize(device)
+    return out
+
+
 @torch.no_grad()
 def torch_outputs(module, store: TensorStore, inputs: list, outputs: list, n: int, batch: int, device) -> dict:
     res = {o: [] for o in outputs}
@@ -309,7 +321,7 @@ class ReconstructPass:
             use_gram = gram_applicable(graph, region)
             rep.loss_form = "gram" if use_gram else "direct"
             rng = np.random.default_rng(cfg.seed + 7919 * region.index)
-            gen = torch.Generator().manual_seed(cfg.seed + 7919 * region.index)
+            gen = torch.Generator(device=device).manual_seed(cfg.seed + 7919 * region.index)
             try:
                 if use_gram:
                     spec = region.weights[0]
@@ -354,14 +366,13 @@ class ReconstructPass:
             streams.q.put(o, v)
 
     @staticmethod
-    def _mix(xq, xfp, p, gen, device):
+    def _mix(q, f, p, gen):
         """QDrop: feed the region quantized inputs with probability p, FP inputs otherwise, element-wise."""
-        if p >= 1.0 or xq.dtype not in FLOAT_TYPES:
-            return _to_torch(xq, device)
+        if p >= 1.0 or not q.is_floating_point():
+            return q
         if p <= 0.0:
-            return _to_torch(xfp, device)
-        q, f = _to_torch(xq, device), _to_torch(xfp, device)
-        keep = torch.rand(q.shape, generator=gen, device="cpu").to(device) < p
+            return f
+        keep = torch.rand(q.shape, generator=gen, device=q.device) < p
         return torch.where(keep, q, f)
 
     def _optimizer(self, ctx, weight_params, act_params):
@@ -392,15 +403,18 @@ class ReconstructPass:
         opt, sched = self._optimizer(ctx, [p for q in quantizers for p in q.parameters()], act_params)
         float_outs = [o for o in region.outputs if y_fp[o].dtype in FLOAT_TYPES]
         per_sample = cfg.method == "adaround"
+        xq = {t: stage(streams.q[t], device) for t in region.inputs}
+        xfp = {t: stage(streams.fp[t], device) for t in region.inputs}
+        ys = {o: stage(y_fp[o], device) for o in float_outs}
         bar = progress_bar(total=cfg.iters, desc=f"  {region.name}", leave=False, enable=cfg.progress)
         for it in range(cfg.iters):
-            idx = np.sort(rng.choice(n, bs, replace=False))
-            feeds = [self._mix(streams.q[t][idx], streams.fp[t][idx], cfg.drop_prob, gen, device)
+            idx = torch.from_numpy(np.sort(rng.choice(n, bs, replace=False))).to(device)
+            feeds = [self._mix(xq[t].index_select(0, idx), xfp[t].index_select(0, idx), cfg.drop_prob, gen)
                      for t in region.inputs]
             for q in quantizers:
                 q.set_progress(it / cfg.iters)
             out = module(*feeds)
-            loss = sum(self._data_loss(out[o], _to_torch(y_fp[o][idx], device), per_sample) for o in float_outs)
+            loss = sum(self._data_loss(out[o], ys[o].index_select(0, idx), per_sample) for o in float_outs)
             loss = loss / max(1, len(float_outs)) + sum(q.regularizer() for q in quantizers)
             if not torch.isfinite(loss):
                 raise FloatingPointError
@@ -429,8 +443,8 @@ class ReconstructPass:
         with torch.no_grad():
             for s in range(0, n, bs):
                 idx = np.sort(order[s:s + bs])
-                x = self._mix(streams.q[spec.data_input][idx], streams.fp[spec.data_input][idx],
-                              cfg.drop_prob, gen, device)
+                x = self._mix(_to_torch(streams.q[spec.data_input][idx], device),
+                              _to_torch(streams.fp[spec.data_input][idx], device), cfg.drop_prob, gen)
                 if act is not None:
                     x = act(x)
                 y = _to_torch(y_lin[idx], device)
