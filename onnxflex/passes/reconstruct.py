@@ -31,6 +31,7 @@ from .partition import Region
 
 log = logging.getLogger("onnxflex")
 FLOAT_TYPES = (np.float32, np.float16, np.float64)
+ROWS_PER_INPUT = 4  # see ReconstructPass._determined
 EVAL_SAMPLES = 64  # calibration samples on which a region's RTN and learned output errors are compared
 
 
@@ -258,6 +259,18 @@ class ReconstructPass:
                     owner[t] = r.index
         return owner
 
+    @staticmethod
+    def _determined(graph, ctx, spec, n) -> bool:
+        """Learn a weight's rounding only when the calibration data pins it down: at least
+        ROWS_PER_INPUT rows (samples x output positions) per weight input (K). An FC layer fed by
+        256 images has 256 rows for K = 1280 and would fit noise in the data's null space."""
+        w = graph.initializers[spec.weight]
+        cout = w.dims[spec.out_axis]
+        k = int(np.prod(w.dims)) // max(1, cout)
+        out = graph.node_by_name[spec.node].output[0]
+        positions = ctx.tensor_sizes.get(out, cout) // max(1, cout)
+        return n * max(1, positions) >= ROWS_PER_INPUT * k
+
     def _bits(self, spec, ctx, first_last):
         cfg = ctx.config
         if spec.node in first_last and cfg.first_last_bits:
@@ -301,11 +314,14 @@ class ReconstructPass:
             self._store(streams, y_fp, y_q)
             return rep
 
+        determined = [self._determined(graph, ctx, w, n) for w in region.weights]
+
         def quantizers_for(method):
-            return [make_weight_quantizer(method, torch.from_numpy(graph.array(w.weight).astype(np.float32)),
+            return [make_weight_quantizer(method if ok else "rtn",
+                                          torch.from_numpy(graph.array(w.weight).astype(np.float32)),
                                           self._bits(w, ctx, first_last), w.out_axis, w.in_axis,
                                           per_channel=cfg.granularity == "channel").to(device)
-                    for w in region.weights]
+                    for w, ok in zip(region.weights, determined)]
 
         rtn_q = quantizers_for("rtn")
         for m in act_quant.values():
@@ -314,7 +330,9 @@ class ReconstructPass:
         n_eval = min(n, EVAL_SAMPLES)
         rep.rtn_mse = region_mse(build(rtn_q), streams.q, region.inputs, y_fp, n_eval, ebatch, device)
         chosen, rep.status = rtn_q, "rtn"
-        if cfg.method != "rtn" and cfg.iters > 0:
+        if cfg.method != "rtn" and cfg.iters > 0 and not any(determined):
+            rep.status = "rtn: too few calibration rows to learn"
+        elif cfg.method != "rtn" and cfg.iters > 0:
             learned = quantizers_for(cfg.method)
             own_acts = [m for t, m in act_quant.items() if act_owner.get(t) == region.index]
             module = build(learned)
