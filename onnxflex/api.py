@@ -108,7 +108,8 @@ def _load_calibration(source, model, cfg, preprocess):
 
     if isinstance(source, CalibrationSet):
         return source
-    return load_calibration(source, model_input_specs(model), size=cfg.calib_size, preprocess=preprocess, seed=cfg.seed)
+    return load_calibration(source, model_input_specs(model), size=cfg.calib_size, preprocess=preprocess, seed=cfg.seed,
+                            augment=cfg.augment)
 
 
 def quantize(model, output, calibration, config: Optional[QuantConfig] = None, *, preprocess=None,

@@ -496,6 +496,7 @@ def load_calibration(
     size: int | None = None,
     preprocess: Preprocess | None = None,
     seed: int = 0,
+    augment: int = 0,
 ) -> CalibrationSet:
     """Load calibration data and validate it against ``input_specs`` ({name: (shape, dtype)}).
 
@@ -503,9 +504,9 @@ def load_calibration(
     with or without the batch dim), one or more ``.npz`` files (keys = input names), a numpy array
     (single input), or an iterable of ``{name: array}`` dicts (each may hold a batch).
     ``size``: keep at most this many samples -- the first ones in sorted (folders) or given order.
-    ``seed``: unused for file sources (their order is already deterministic); kept for API symmetry.
+    ``augment``: for image folders, this many random-crop views per image besides the center crop
+    (``size`` still counts images); ``seed`` fixes those crops.
     """
-    del seed
     specs = _norm_specs(input_specs)
     if size is not None and int(size) < 1:
         raise OnnxflexError(f"calibration size must be at least 1, got {size}")
@@ -532,7 +533,7 @@ def load_calibration(
             if not p.exists():
                 raise OnnxflexError(f"calibration path {p} does not exist; check the path")
         if len(paths) == 1 and paths[0].is_dir():
-            return _load_image_folder(paths[0], specs, limit, preprocess, static_batch)
+            return _load_image_folder(paths[0], specs, limit, preprocess, static_batch, augment, seed)
         if any(p.is_dir() for p in paths):
             raise OnnxflexError("pass either one image folder or a list of .npy/.npz files, not several folders")
         samples: list[dict[str, np.ndarray]] = []
@@ -628,16 +629,47 @@ def _load_npz(p: Path, specs: dict) -> list[dict[str, np.ndarray]]:
     return _dict_samples(d, specs, p.name)
 
 
-def _load_image_folder(folder: Path, specs: dict, limit: int | None, preprocess: Preprocess | None, static_batch) -> CalibrationSet:
+def _load_image_folder(folder: Path, specs: dict, limit: int | None, preprocess: Preprocess | None, static_batch,
+                       augment: int = 0, seed: int = 0) -> CalibrationSet:
     img = resolve_image_input(specs, preprocess)
     files = list_images(folder)
     if not files:
         raise _no_images_error(folder)
     samples, used = [], []
+    rng = np.random.default_rng(seed)
     for p, x in iter_images(files, img.preprocess, limit):
-        samples.append({img.name: to_layout(x, img.preprocess.layout)[None].astype(img.dtype, copy=False)})
+        views = [x] + (augmented_views(p, img.preprocess, augment, rng) if augment else [])
+        for v in views:  # an image's views stay together, so a held-out tail never shares an image with training
+            samples.append({img.name: to_layout(v, img.preprocess.layout)[None].astype(img.dtype, copy=False)})
         used.append(p)
     return CalibrationSet(samples, [img.name], str(folder), used, static_batch, specs)
+
+
+def augmented_views(path: Path, pp: Preprocess, k: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """``k`` extra views of one calibration image: random resized crops (25-100 % of the area, aspect
+    3/4-4/3) with random horizontal flips, preprocessed like the center crop. Few calibration images
+    let learned rounding fit those images; more views of them generalise better."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        base = _to_rgb(im)
+        base.load()
+    w, h = base.size
+    size = int(pp.size)
+    out = []
+    for _ in range(k):
+        area = w * h * rng.uniform(0.25, 1.0)
+        aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+        cw = int(min(w, round(np.sqrt(area * aspect))))
+        ch = int(min(h, round(np.sqrt(area / aspect))))
+        x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        crop = base.crop((x0, y0, x0 + cw, y0 + ch)).resize((size, size), _resample(pp.interpolation))
+        if rng.random() < 0.5:
+            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        x = np.asarray(crop, dtype=np.float32) / np.float32(255.0)
+        x = (x - np.asarray(pp.mean, np.float32)) / np.asarray(pp.std, np.float32)
+        out.append(np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32))
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

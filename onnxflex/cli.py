@@ -89,8 +89,11 @@ def main(verbose):
 @click.option("--iters", type=int, default=None, help="iterations per region (overrides the preset)")
 @click.option("--batch-size", type=int, default=None)
 @click.option("--lr", type=float, default=None, help="learning rate of the rounding parameters")
+@click.option("--act-lr", type=float, default=None, help="learning rate of the activation steps (LSQ); 0 = keep calibrated")
 @click.option("--drop-prob", type=float, default=None, help="QDrop probability (default 0.5 with activations)")
 @click.option("--calib-size", type=int, default=256, show_default=True, help="calibration samples used")
+@click.option("--augment", type=int, default=0, show_default=True,
+              help="extra random-crop views per calibration image (image folders)")
 @click.option("--calib-method", type=click.Choice(CALIB_METHODS), default="mse", show_default=True)
 @click.option("--first-last-bits", type=int, default=8, show_default=True,
               help="bits of the first and last weighted op (0 = same as --weight-bits)")
@@ -106,14 +109,14 @@ def main(verbose):
 @preprocess_options
 @user_errors
 def quantize(model, calib, output, method, weight_bits, act_bits, granularity, regions, preset, iters, batch_size,
-             lr, drop_prob, calib_size, calib_method, first_last_bits, exclude, device, max_memory, target, report,
+             lr, act_lr, drop_prob, calib_size, augment, calib_method, first_last_bits, exclude, device, max_memory, target, report,
              seed, quiet, preprocess, size, resize, mean, std):
     """Quantize MODEL with calibration data and write a QDQ ONNX model."""
     from .api import quantize as run_quantize
 
     cfg = QuantConfig(method=method, weight_bits=int(weight_bits), act_bits=int(act_bits), granularity=granularity,
-                      regions=regions, preset=preset, iters=iters, batch_size=batch_size, lr=lr, drop_prob=drop_prob,
-                      calib_size=calib_size, calib_method=calib_method, first_last_bits=first_last_bits or None,
+                      regions=regions, preset=preset, iters=iters, batch_size=batch_size, lr=lr, act_lr=act_lr, drop_prob=drop_prob,
+                      calib_size=calib_size, augment=augment, calib_method=calib_method, first_last_bits=first_last_bits or None,
                       exclude=list(exclude), device=device, seed=seed, max_memory=max_memory, target=target,
                       progress=not quiet)
     source = calib[0] if len(calib) == 1 else list(calib)

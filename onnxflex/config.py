@@ -34,8 +34,9 @@ class QuantConfig:
     batch_size: Optional[int] = None
     lr: Optional[float] = None
     act_lr: Optional[float] = None
-    drop_prob: Optional[float] = None  # QDrop; default 0.5 when activations are quantized
-    calib_size: int = 256
+    drop_prob: Optional[float] = None  # QDrop: P(feed FP input); default 0.5 when activations are quantized
+    calib_size: int = 256  # calibration samples (images, for a folder)
+    augment: int = 0  # extra random-crop views per calibration image
     calib_method: str = "mse"  # activation range: mse | percentile | minmax
     percentile: float = 99.99
     first_last_bits: Optional[int] = 8  # first and last weighted op stay at this many bits; None = same as weights

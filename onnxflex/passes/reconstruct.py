@@ -32,7 +32,7 @@ from .partition import Region
 log = logging.getLogger("onnxflex")
 FLOAT_TYPES = (np.float32, np.float16, np.float64)
 ROWS_PER_INPUT = 4  # see ReconstructPass._determined
-EVAL_SAMPLES = 64  # calibration samples on which a region's RTN and learned output errors are compared
+EVAL_SAMPLES = 32  # held-out calibration samples on which RTN and learned region errors are compared
 
 
 @dataclass
@@ -118,18 +118,19 @@ def torch_outputs(module, store: TensorStore, inputs: list, outputs: list, n: in
 
 
 @torch.no_grad()
-def region_mse(module, store: TensorStore, inputs: list, targets: dict, n: int, batch: int, device) -> float:
-    """Mean over the region's float outputs of the output MSE on the first ``n`` samples (streamed)."""
+def region_mse(module, store: TensorStore, inputs: list, targets: dict, samples: range, batch: int, device) -> float:
+    """Mean over the region's float outputs of the output MSE on ``samples`` (streamed)."""
     names = [o for o, t in targets.items() if t.dtype in FLOAT_TYPES]
     if not names:
         return 0.0
     sq = {o: 0.0 for o in names}
-    for s in range(0, n, batch):
-        outs = module(*[_to_torch(store[i][s:s + batch], device) for i in inputs])
+    for s in range(samples.start, samples.stop, batch):
+        e = min(s + batch, samples.stop)
+        outs = module(*[_to_torch(store[i][s:e], device) for i in inputs])
         for o in names:
-            d = outs[o].float() - _to_torch(targets[o][s:s + batch], device)
+            d = outs[o].float() - _to_torch(targets[o][s:e], device)
             sq[o] += float(torch.sum(d * d, dtype=torch.float64))
-    return float(np.mean([sq[o] / targets[o][:n].size for o in names]))
+    return float(np.mean([sq[o] / targets[o][samples.start:samples.stop].size for o in names]))
 
 
 def out_by_in(w: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
@@ -186,6 +187,7 @@ class _Streams:
     fp: TensorStore
     q: TensorStore
     n: int
+    n_train: int  # samples [0, n_train) train; the rest are held out to judge each region
 
 
 class ReconstructPass:
@@ -199,14 +201,16 @@ class ReconstructPass:
         device = torch.device(ctx.device)
         torch.manual_seed(cfg.seed)
         budget = cfg.max_memory * (1 << 30) / 2
-        streams = _Streams(TensorStore(budget), TensorStore(budget), ctx.calibration.num_samples)
+        n = ctx.calibration.num_samples
+        n_hold = min(EVAL_SAMPLES, n // 8) if n >= 16 else 0
+        streams = _Streams(TensorStore(budget), TensorStore(budget), n, n - n_hold)
         for name, arr in ctx.calibration.stacked().items():
             streams.fp.put(name, arr)
             streams.q.put(name, arr)
         regions = ctx.regions
         needed_after = self._needed_after(graph, regions)
         first_last = self._first_last(graph)
-        act_modules = {t: ActQuantizer(p.scale, cfg.act_bits, learn=cfg.method != "rtn" and cfg.iters > 0)
+        act_modules = {t: ActQuantizer(p.scale, cfg.act_bits, learn=cfg.method != "rtn" and cfg.iters > 0 and cfg.act_lr > 0)
                        for t, p in (ctx.act_points or {}).items()}
         act_owner = self._act_owner(regions, ctx.act_points or {})
         ctx.weight_results, ctx.region_reports = {}, []
@@ -326,9 +330,10 @@ class ReconstructPass:
         rtn_q = quantizers_for("rtn")
         for m in act_quant.values():
             m.eval()
-        # before/after errors on the first EVAL_SAMPLES samples: a full pass only for what is kept
-        n_eval = min(n, EVAL_SAMPLES)
-        rep.rtn_mse = region_mse(build(rtn_q), streams.q, region.inputs, y_fp, n_eval, ebatch, device)
+        # RTN vs learned errors are compared on held-out calibration samples that training never
+        # sees, so a region that overfits the calibration set keeps its RTN weights
+        held = range(streams.n_train, n) if streams.n_train < n else range(0, min(n, EVAL_SAMPLES))
+        rep.rtn_mse = region_mse(build(rtn_q), streams.q, region.inputs, y_fp, held, ebatch, device)
         chosen, rep.status = rtn_q, "rtn"
         if cfg.method != "rtn" and cfg.iters > 0 and not any(determined):
             rep.status = "rtn: too few calibration rows to learn"
@@ -354,7 +359,7 @@ class ReconstructPass:
             for m in act_quant.values():
                 m.eval()
             rep.iters = cfg.iters
-            rep.learned_mse = region_mse(module, streams.q, region.inputs, y_fp, n_eval, ebatch, device)
+            rep.learned_mse = region_mse(module, streams.q, region.inputs, y_fp, held, ebatch, device)
             if not math.isfinite(rep.learned_mse):
                 rep.status = "kept rtn: loss not finite"
             elif rep.learned_mse > rep.rtn_mse:
@@ -385,13 +390,14 @@ class ReconstructPass:
 
     @staticmethod
     def _mix(q, f, p, gen):
-        """QDrop: feed the region quantized inputs with probability p, FP inputs otherwise, element-wise."""
-        if p >= 1.0 or not q.is_floating_point():
+        """QDrop: element-wise, feed the FP input with probability p (dropping the quantization
+        error upstream), the quantized-stream input otherwise. p = 0: always the quantized stream."""
+        if p <= 0.0 or not q.is_floating_point():
             return q
-        if p <= 0.0:
+        if p >= 1.0:
             return f
-        keep = torch.rand(q.shape, generator=gen, device=q.device) < p
-        return torch.where(keep, q, f)
+        drop = torch.rand(q.shape, generator=gen, device=q.device) < p
+        return torch.where(drop, f, q)
 
     def _optimizer(self, ctx, weight_params, act_params):
         cfg = ctx.config
@@ -414,7 +420,7 @@ class ReconstructPass:
         from ..progress import progress_bar
 
         cfg = ctx.config
-        n, bs = streams.n, min(cfg.batch_size, streams.n)
+        n, bs = streams.n_train, min(cfg.batch_size, streams.n_train)
         for m in own_acts:
             m.train()
         act_params = [p for m in own_acts for p in m.parameters()]
@@ -455,7 +461,7 @@ class ReconstructPass:
         w = torch.from_numpy(graph.array(spec.weight).astype(np.float32)).to(device)
         b = torch.from_numpy(graph.array(spec.bias).astype(np.float32)).to(device) if spec.bias else None
         y_lin = y_fp_all[node.output[0]]
-        n, bs = streams.n, min(cfg.batch_size, streams.n)
+        n, bs = streams.n_train, min(cfg.batch_size, streams.n_train)
         order = rng.permutation(n)
         stats = []
         with torch.no_grad():
