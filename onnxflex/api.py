@@ -159,6 +159,10 @@ def quantize(model, output, calibration, config: Optional[QuantConfig] = None, *
         iters=cfg.iters, weight_bits=cfg.weight_bits, act_bits=cfg.act_bits, granularity=cfg.granularity,
         region_mode=cfg.regions if cfg.regions != "auto" else f"auto:{auto_mode(ctx.device)}",
     )
+    if ctx.device == "cuda":
+        import torch
+
+        summary["gpu_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     violations = _rule_check(ctx.qdq_model, cfg.target)
     summary["rule_violations"] = len(violations)
     save_model(ctx.qdq_model, output)
