@@ -56,6 +56,15 @@ def export(module, args, path, input_names, output_names, dynamic_axes=None):
     return path
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one torch thread avoids oversubscription slowdowns on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_cnn(tmp_path_factory):
     path = tmp_path_factory.mktemp("models") / "tiny_cnn.onnx"

@@ -19,13 +19,7 @@ LAYOUTS = {
 METHODS = ("rtn", "flexround", "adaround")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: one thread avoids oversubscription slowdowns on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _weight(shape, seed=0):

@@ -415,31 +415,18 @@ class ReconstructPass:
             return (pred - target).pow(2).reshape(pred.shape[0], -1).sum(1).mean()
         return torch.nn.functional.mse_loss(pred, target)
 
-    def _train_direct(self, ctx, region, module, quantizers, own_acts, streams, y_fp, rng, gen, device):
-        """Block regions: real forward/backward passes of the lifted region on random mini-batches."""
+    def _fit(self, ctx, region, quantizers, act_params, batch_loss):
+        """The one reconstruction loop: Adam with cosine decay on ``batch_loss(it)`` plus the
+        quantizers' regularisers, with a progress bar and a guard against non-finite losses."""
         from ..progress import progress_bar
 
         cfg = ctx.config
-        n, bs = streams.n_train, min(cfg.batch_size, streams.n_train)
-        for m in own_acts:
-            m.train()
-        act_params = [p for m in own_acts for p in m.parameters()]
         opt, sched = self._optimizer(ctx, [p for q in quantizers for p in q.parameters()], act_params)
-        float_outs = [o for o in region.outputs if y_fp[o].dtype in FLOAT_TYPES]
-        per_sample = cfg.method == "adaround"
-        xq = {t: stage(streams.q[t], device) for t in region.inputs}
-        xfp = {t: stage(streams.fp[t], device) for t in region.inputs}
-        ys = {o: stage(y_fp[o], device) for o in float_outs}
         bar = progress_bar(total=cfg.iters, desc=f"  {region.name}", leave=False, enable=cfg.progress)
         for it in range(cfg.iters):
-            idx = torch.from_numpy(np.sort(rng.choice(n, bs, replace=False))).to(device)
-            feeds = [self._mix(xq[t].index_select(0, idx), xfp[t].index_select(0, idx), cfg.drop_prob, gen)
-                     for t in region.inputs]
             for q in quantizers:
                 q.set_progress(it / cfg.iters)
-            out = module(*feeds)
-            loss = sum(self._data_loss(out[o], ys[o].index_select(0, idx), per_sample) for o in float_outs)
-            loss = loss / max(1, len(float_outs)) + sum(q.regularizer() for q in quantizers)
+            loss = batch_loss(it) + sum(q.regularizer() for q in quantizers)
             if not torch.isfinite(loss):
                 raise FloatingPointError
             opt.zero_grad(set_to_none=True)
@@ -451,10 +438,30 @@ class ReconstructPass:
             bar.update(1)
         bar.close()
 
+    def _train_direct(self, ctx, region, module, quantizers, own_acts, streams, y_fp, rng, gen, device):
+        """Block regions: real forward/backward passes of the lifted region on random mini-batches."""
+        cfg = ctx.config
+        n, bs = streams.n_train, min(cfg.batch_size, streams.n_train)
+        for m in own_acts:
+            m.train()
+        float_outs = [o for o in region.outputs if y_fp[o].dtype in FLOAT_TYPES]
+        per_sample = cfg.method == "adaround"
+        xq = {t: stage(streams.q[t], device) for t in region.inputs}
+        xfp = {t: stage(streams.fp[t], device) for t in region.inputs}
+        ys = {o: stage(y_fp[o], device) for o in float_outs}
+
+        def batch_loss(it):
+            idx = torch.from_numpy(np.sort(rng.choice(n, bs, replace=False))).to(device)
+            feeds = [self._mix(xq[t].index_select(0, idx), xfp[t].index_select(0, idx), cfg.drop_prob, gen)
+                     for t in region.inputs]
+            out = module(*feeds)
+            loss = sum(self._data_loss(out[o], ys[o].index_select(0, idx), per_sample) for o in float_outs)
+            return loss / max(1, len(float_outs))
+
+        self._fit(ctx, region, quantizers, [p for m in own_acts for p in m.parameters()], batch_loss)
+
     def _train_gram(self, graph, ctx, region, act, quantizer, streams, y_fp_all, rng, gen, device):
         """Layer regions: the exact quadratic form of the linear-output MSE, per cached mini-batch."""
-        from ..progress import progress_bar
-
         cfg = ctx.config
         spec = region.weights[0]
         node = graph.node_by_name[spec.node]
@@ -477,21 +484,10 @@ class ReconstructPass:
                     stats.append(gram_mod.conv_gram(x, w, b, y, **geo, accum_dtype=torch.float32))
                 else:
                     stats.append(gram_mod.linear_gram(x, out_by_in(w, spec), b, y, accum_dtype=torch.float32))
-        opt, sched = self._optimizer(ctx, list(quantizer.parameters()), [])
-        bar = progress_bar(total=cfg.iters, desc=f"  {region.name}", leave=False, enable=cfg.progress)
-        for it in range(cfg.iters):
-            quantizer.set_progress(it / cfg.iters)
-            dw = out_by_in(quantizer() - w, spec)
-            data = gram_mod.gram_sample_loss if cfg.method == "adaround" else gram_mod.gram_mse
-            loss = data(stats[it % len(stats)], dw) + quantizer.regularizer()
-            if not torch.isfinite(loss):
-                raise FloatingPointError
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if it % 25 == 0 or it == cfg.iters - 1:
-                bar.set_postfix_str(f"loss {loss.item():.3g}")
-            bar.update(1)
-        bar.close()
+        data = gram_mod.gram_sample_loss if cfg.method == "adaround" else gram_mod.gram_mse
+
+        def batch_loss(it):
+            return data(stats[it % len(stats)], out_by_in(quantizer() - w, spec))
+
+        self._fit(ctx, region, [quantizer], [], batch_loss)
 
