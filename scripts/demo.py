@@ -33,8 +33,8 @@ def run(sess, x, batch=32):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="artifacts")
-    ap.add_argument("--calib", type=int, default=128, help="calibration crops")
-    ap.add_argument("--eval", type=int, default=128, help="held-out evaluation crops")
+    ap.add_argument("--calib", type=int, default=64, help="calibration crops")
+    ap.add_argument("--eval", type=int, default=64, help="held-out evaluation crops")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
