@@ -164,7 +164,8 @@ def quantize(model, output, calibration, config: Optional[QuantConfig] = None, *
 
         summary["gpu_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     violations = _rule_check(ctx.qdq_model, cfg.target)
-    summary["rule_violations"] = len(violations)
+    summary["rule_violations"] = sum(v.severity == "error" for v in violations)
+    summary["rule_warnings"] = sum(v.severity != "error" for v in violations)
     save_model(ctx.qdq_model, output)
     report_path = Path(report) if report else output.with_suffix(".report.json")
     result = QuantResult(output, cfg, ctx.region_reports, summary, report_path, violations)

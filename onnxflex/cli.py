@@ -163,15 +163,17 @@ def inspect(model, regions):
 @click.option("--target", type=click.Choice(TARGETS), default="tensorrt", show_default=True)
 @user_errors
 def check(model, target):
-    """Check a QDQ model against TensorRT (or ORT CPU) explicit-quantization rules; exit 1 on violations."""
+    """Check a QDQ model against TensorRT (or ORT CPU) explicit-quantization rules; exit 1 on errors."""
     from .checks.tensorrt import check_qdq_model, format_violations
     from .passes.prepare import load_model
 
     violations = check_qdq_model(load_model(model), target)
     if violations:
         click.echo(format_violations(violations))
+    if any(v.severity == "error" for v in violations):
         sys.exit(1)
-    click.echo(f"ok: no {target} rule violations")
+    if not violations:
+        click.echo(f"ok: no {target} rule violations")
 
 
 if __name__ == "__main__":
