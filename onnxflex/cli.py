@@ -94,7 +94,8 @@ def main(verbose):
 @click.option("--calib-size", type=int, default=256, show_default=True, help="calibration samples used")
 @click.option("--augment", type=int, default=0, show_default=True,
               help="extra random-crop views per calibration image (image folders)")
-@click.option("--calib-method", type=click.Choice(CALIB_METHODS), default="mse", show_default=True)
+@click.option("--calib-method", type=click.Choice(CALIB_METHODS), default="percentile", show_default=True,
+              help="activation ranges (percentile = 99.99th percentile of |x|)")
 @click.option("--first-last-bits", type=int, default=8, show_default=True,
               help="bits of the first and last weighted op (0 = same as --weight-bits)")
 @click.option("--exclude", multiple=True, help="node name to keep in FP32 (repeatable)")

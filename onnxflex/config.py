@@ -37,7 +37,7 @@ class QuantConfig:
     drop_prob: Optional[float] = None  # QDrop: P(feed FP input); default 0.5 when activations are quantized
     calib_size: int = 256  # calibration samples (images, for a folder)
     augment: int = 0  # extra random-crop views per calibration image
-    calib_method: str = "mse"  # activation range: mse | percentile | minmax
+    calib_method: str = "percentile"  # activation range: percentile | mse | minmax (bench/rtn_vs_ort.py picked it)
     percentile: float = 99.99
     first_last_bits: Optional[int] = 8  # first and last weighted op stay at this many bits; None = same as weights
     quantize_act_matmul: bool = False  # activation x activation MatMul (attention) inputs
