@@ -18,7 +18,7 @@ import onnx
 
 from .config import QuantConfig
 from .errors import OnnxflexError
-from .graph import Graph, save_model
+from .graph import Graph, check_output_path, save_model
 
 log = logging.getLogger("onnxflex")
 
@@ -130,7 +130,7 @@ def quantize(model, output, calibration, config: Optional[QuantConfig] = None, *
     t_start = time.perf_counter()
     cfg = dataclasses.replace(config or QuantConfig(), **overrides).resolved()
     output = Path(output)
-    _check_output_path(output)
+    check_output_path(output)
     fp_model = PreparePass().run(load_model(model))
     graph = Graph(fp_model)
     ctx = Context(cfg, device=resolve_device(cfg.device))
@@ -171,18 +171,6 @@ def quantize(model, output, calibration, config: Optional[QuantConfig] = None, *
     result = QuantResult(output, cfg, ctx.region_reports, summary, report_path, violations)
     write_report(result, report_path)
     return result
-
-
-def _check_output_path(output: Path) -> None:
-    import os
-
-    parent = output.parent if str(output.parent) else Path(".")
-    if output.exists() and output.is_dir():
-        raise OnnxflexError(f"output path {output} is a folder; give a file name such as {output}/model.qdq.onnx")
-    if not parent.is_dir():
-        raise OnnxflexError(f"output folder {parent} does not exist; create it or choose another -o path")
-    if not os.access(parent, os.W_OK):
-        raise OnnxflexError(f"cannot write to {parent} (permission denied); choose a writable -o path")
 
 
 def _validate(ctx: Context, fp_model) -> dict:

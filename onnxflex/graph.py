@@ -112,17 +112,25 @@ def default_opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
 
 
+def check_output_path(output: Path) -> None:
+    """Fail before any work when the output cannot be written (one-line user error)."""
+    parent = output.parent
+    if output.is_dir():
+        raise OnnxflexError(f"output path {output} is a folder; give a file name such as {output}/model.qdq.onnx")
+    if not parent.is_dir():
+        raise OnnxflexError(f"output folder {parent} does not exist; create it or choose another -o path")
+    if not os.access(parent, os.W_OK):
+        raise OnnxflexError(f"cannot write to {parent} (permission denied); choose a writable -o path")
+
+
 def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     """Write atomically (temp file + rename) so a failed run never leaves a half-written model.
 
     Models over 2 GB go to external data beside the file, as protobuf cannot hold them.
     """
     path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.exists():
-        raise OnnxflexError(f"output folder {parent} does not exist; create it or choose another -o path")
-    if not os.access(parent, os.W_OK):
-        raise OnnxflexError(f"cannot write to {parent} (permission denied); choose a writable -o path")
+    check_output_path(path)
+    parent = path.parent
     model.ir_version = min(model.ir_version or ORT_IR_VERSION, ORT_IR_VERSION)
     large = model.ByteSize() > 1_800_000_000 if _safe_size(model) else True
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)

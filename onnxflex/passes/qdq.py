@@ -51,19 +51,14 @@ def write_qdq(model: onnx.ModelProto, weight_results: dict, act_points: dict, ac
     out.CopyFrom(model)
     out = _upgrade_opset(out, _needed_opset(weight_results, act_bits))
     g = out.graph
-    graph = Graph(out)
-    nodes_by_name = {n.name: n for n in g.node}
+    graph = Graph(out)  # its node objects are the proto's own, so rewiring them edits `out`
+    nodes_by_name = graph.node_by_name
     new_inits, dq_nodes = [], []
-
-    weight_users = {}
-    for n in g.node:
-        for i in n.input:
-            weight_users.setdefault(i, []).append(n.name)
     replaced = set()
     for node_name, r in weight_results.items():
         spec = r.spec
         node = nodes_by_name[node_name]
-        base = spec.weight if len(weight_users.get(spec.weight, [])) == 1 else f"{spec.weight}_{node_name}"
+        base = spec.weight if len(graph.consumers.get(spec.weight, [])) == 1 else f"{spec.weight}_{node_name}"
         q_name, s_name, z_name, dq_out = (f"{base}_quantized", f"{base}_scale", f"{base}_zero_point",
                                           f"{base}_dequantized")
         scale = np.asarray(r.scale, np.float32)
@@ -96,7 +91,7 @@ def write_qdq(model: onnx.ModelProto, weight_results: dict, act_points: dict, ac
         act_nodes.append((t, q, dq))
 
     # keep a topological order: weight DQ right before its op; activation Q/DQ right after the producer
-    producer = {o: n.name for n in g.node for o in n.output}
+    producer = {o: n.name for o, n in graph.producer.items()}
     weight_dq = {id(n): dq for n, dq in dq_nodes}
     after = {}
     for t, q, dq in act_nodes:

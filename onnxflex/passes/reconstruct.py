@@ -9,11 +9,10 @@ iteration costs O(Cout*K^2) instead of a convolution forward and backward.
 """
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
