@@ -18,7 +18,7 @@ import onnx
 
 from .config import QuantConfig
 from .errors import OnnxflexError
-from .graph import Graph, check_output_path, save_model
+from .graph import Graph, check_output_path, save_model, with_float_outputs
 
 log = logging.getLogger("onnxflex")
 
@@ -89,15 +89,10 @@ def capture_shapes(model: onnx.ModelProto, feed: dict) -> dict:
     """Shapes of every float tensor for one calibration sample (sizes the regions' live sets)."""
     from .runtime.session import make_session
 
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    g = Graph(m)
-    names = [o for n in m.graph.node for o in n.output if o and o not in have
-             and g.elem_types.get(o, onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT]
-    for t in names:
-        m.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
-    sess = make_session(m)
+    g = Graph(model)
+    names = [o for n in g.nodes for o in n.output
+             if o and g.elem_types.get(o, onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT]
+    sess = make_session(with_float_outputs(model, names))
     outs = [o.name for o in sess.get_outputs()]
     vals = sess.run(outs, feed)
     return {n: v.shape for n, v in zip(outs, vals)}

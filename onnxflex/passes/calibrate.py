@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from ..graph import Graph
+from ..graph import Graph, with_float_outputs
 from ..passes.partition import _weight_dependent
 
 SAMPLE_PER_TENSOR = 1 << 18  # values kept per tensor for percentile / MSE search
@@ -87,13 +87,7 @@ def calibrate_points(model: onnx.ModelProto, points: dict[str, ActPoint], batche
         return
     from ..runtime.session import make_session
 
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    existing = {o.name for o in m.graph.output}
-    for t in points:
-        if t not in existing:
-            m.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
-    sess = (session_factory or make_session)(m)
+    sess = (session_factory or make_session)(with_float_outputs(model, points))
     names = list(points)
     rng = np.random.default_rng(seed)
     samples = {t: [] for t in names}
