@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.build import IMAGENET_SAMPLE, MODELS  # noqa: E402
+from models.build import IMAGE_MODELS, IMAGENET_SAMPLE, MODELS  # noqa: E402
 from onnxflex.calib import make_preprocess  # noqa: E402
 from onnxflex.runtime.evaluate import evaluate  # noqa: E402
 
@@ -48,7 +48,7 @@ def parse_row(row: str):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="efficientnet_lite0", choices=[m for m in MODELS if m != "minilm"])
+    ap.add_argument("--model", default="efficientnet_lite0", choices=list(IMAGE_MODELS))
     ap.add_argument("--rows", default=DEFAULT_ROWS, help="method:wXaY, comma-separated")
     ap.add_argument("--preset", default="fast")
     ap.add_argument("--iters", type=int, default=None)

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from . import efficientnet_lite, efficientnet_lite1, minilm
+from . import efficientnet_lite, efficientnet_lite1, minilm, paraphrase_minilm_l3
 
 MODELS: dict[str, tuple[Callable[..., str], dict]] = {
     "efficientnet_lite0": (efficientnet_lite.build_efficientnet_lite0,
@@ -26,6 +26,7 @@ MODELS: dict[str, tuple[Callable[..., str], dict]] = {
     "efficientnet_lite1": (efficientnet_lite1.build_efficientnet_lite1,
                            efficientnet_lite1.PREPROCESS),
     "minilm": (minilm.build_minilm, minilm.PREPROCESS),
+    "paraphrase_minilm_l3": (paraphrase_minilm_l3.build_paraphrase_minilm_l3, minilm.PREPROCESS),
 }
 
 # Image models whose output is ImageNet-1k logits (evaluable with --eval).

@@ -33,6 +33,7 @@ class Context:
     quantize_nodes: set = field(default_factory=set)
     tensor_sizes: dict = field(default_factory=dict)
     regions: list = field(default_factory=list)
+    region_mode: str = ""  # layer | block, as resolved from the config (auto) by the partition pass
     act_points: dict = field(default_factory=dict)
     weight_results: dict = field(default_factory=dict)
     region_reports: list = field(default_factory=list)
@@ -98,25 +99,35 @@ def capture_shapes(model: onnx.ModelProto, feed: dict) -> dict:
     return {n: v.shape for n, v in zip(outs, vals)}
 
 
-def _load_calibration(source, model, cfg, preprocess):
+def _load_calibration(source, model, cfg, preprocess, tokenizer, max_length):
     from .calib import CalibrationSet, load_calibration
+    from .text import infer_token_mask, is_text_file, load_text_calibration
 
+    specs = model_input_specs(model)
     if isinstance(source, CalibrationSet):
-        return source
-    return load_calibration(source, model_input_specs(model), size=cfg.calib_size, preprocess=preprocess, seed=cfg.seed,
-                            augment=cfg.augment)
+        calib = source
+    elif isinstance(source, (str, Path)) and is_text_file(source):
+        return load_text_calibration(source, specs, tokenizer, max_length=max_length, size=cfg.calib_size)
+    else:
+        calib = load_calibration(source, specs, size=cfg.calib_size, preprocess=preprocess, seed=cfg.seed,
+                                 augment=cfg.augment)
+    if calib.token_mask is None:
+        calib.token_mask = infer_token_mask(calib)
+    return calib
 
 
 def quantize(model, output, calibration, config: Optional[QuantConfig] = None, *, preprocess=None,
-             report: Optional[str] = None, **overrides) -> QuantResult:
+             tokenizer=None, max_length: int = 128, report: Optional[str] = None, **overrides) -> QuantResult:
     """Quantize ``model`` (path or ModelProto) with ``calibration`` data and write a QDQ model to ``output``.
 
-    calibration: an image folder, .npy/.npz path(s), a CalibrationSet, or an iterable of
-    {input name: array} dicts. config: a QuantConfig; keyword overrides (``method="rtn"``,
-    ``weight_bits=4``...) replace its fields. Nothing is written unless the whole run succeeds.
+    calibration: an image folder, .npy/.npz path(s), a text file (one text per line, with
+    ``tokenizer`` = a Hugging Face tokenizer folder and ``max_length`` tokens), a CalibrationSet,
+    or an iterable of {input name: array} dicts. config: a QuantConfig; keyword overrides
+    (``method="rtn"``, ``weight_bits=4``...) replace its fields. Nothing is written unless the
+    whole run succeeds.
     """
     from .passes.calibrate import CalibratePass
-    from .passes.partition import PartitionPass, auto_mode, tensor_sizes
+    from .passes.partition import PartitionPass, tensor_sizes
     from .passes.prepare import PreparePass, load_model
     from .passes.qdq import QDQPass
     from .passes.reconstruct import ReconstructPass
@@ -129,7 +140,7 @@ def quantize(model, output, calibration, config: Optional[QuantConfig] = None, *
     fp_model = PreparePass().run(load_model(model))
     graph = Graph(fp_model)
     ctx = Context(cfg, device=resolve_device(cfg.device))
-    ctx.calibration = _load_calibration(calibration, fp_model, cfg, preprocess)
+    ctx.calibration = _load_calibration(calibration, fp_model, cfg, preprocess, tokenizer, max_length)
     all_weighted = {s.node for s in graph.weighted_nodes()}
     if not all_weighted:
         raise OnnxflexError("the model has no Conv, Gemm or MatMul with constant weights; nothing to quantize")
@@ -152,7 +163,7 @@ def quantize(model, output, calibration, config: Optional[QuantConfig] = None, *
         regions=len(ctx.regions), weights_quantized=len(ctx.weight_results),
         act_points=len(ctx.act_points), device=ctx.device, method=cfg.method, preset=cfg.preset,
         iters=cfg.iters, weight_bits=cfg.weight_bits, act_bits=cfg.act_bits, granularity=cfg.granularity,
-        region_mode=cfg.regions if cfg.regions != "auto" else f"auto:{auto_mode(ctx.device)}",
+        region_mode=cfg.regions if cfg.regions != "auto" else f"auto:{ctx.region_mode}",
     )
     if ctx.device == "cuda":
         import torch
@@ -178,7 +189,8 @@ def _validate(ctx: Context, fp_model) -> dict:
     except OnnxflexError as e:
         raise RuntimeError(f"internal error: the written QDQ model does not load in ONNX Runtime: {e}") from None
     n = min(ctx.calibration.num_samples, 64)
-    out_names = [o.name for o in sess.get_outputs()]
+    # the first float output is the one measured (a text model may echo its integer ids first)
+    out_names = [o.name for o in sess.get_outputs() if o.type == "tensor(float)"] or [sess.get_outputs()[0].name]
     fp_sess = make_session(fp_model)
     qdq_vals, fp_vals = [], []
     for i, feed in enumerate(ctx.calibration.batches(32)):

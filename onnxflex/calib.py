@@ -436,6 +436,9 @@ class CalibrationSet:
     files: list[Path] | None = None
     static_batch: int | None = None  # the model's fixed batch dim, if any
     input_specs: dict = field(default_factory=dict, repr=False)
+    # [num_samples, seq] 0/1 for token inputs (text): positions with 0 are padding, left out of
+    # activation ranges and reconstruction losses. None = every position counts.
+    token_mask: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def num_samples(self) -> int:

@@ -42,6 +42,14 @@ def preprocess_options(f):
     return f
 
 
+def text_options(f):
+    """Tokenizer flags shared by quantize and eval (text files as data)."""
+    f = click.option("--max-length", type=int, default=128, show_default=True,
+                     help="tokens per text (truncation; texts are padded to the longest)")(f)
+    return click.option("--tokenizer", type=click.Path(file_okay=False), default=None,
+                        help="Hugging Face tokenizer folder (tokenizer.json or vocab.txt) for .txt data")(f)
+
+
 def _preprocess(preprocess, size, resize, mean, std):
     from .calib import make_preprocess
 
@@ -76,7 +84,8 @@ def main(verbose):
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--calib", "calib", required=True, multiple=True,
-              help="image folder, or .npy/.npz file(s) (npz keys = input names); repeat for several files")
+              help="image folder, .npy/.npz file(s) (npz keys = input names), or a .txt file with one text "
+                   "per line (needs --tokenizer); repeat for several files")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=True), help="output QDQ .onnx path")
 @click.option("--method", type=click.Choice(METHODS), default="flexround", show_default=True)
 @click.option("--weight-bits", type=click.Choice(["8", "4", "3", "2"]), default="8", show_default=True)
@@ -94,11 +103,15 @@ def main(verbose):
 @click.option("--calib-size", type=int, default=256, show_default=True, help="calibration samples used")
 @click.option("--augment", type=int, default=0, show_default=True,
               help="extra random-crop views per calibration image (image folders)")
-@click.option("--calib-method", type=click.Choice(CALIB_METHODS), default="percentile", show_default=True,
-              help="activation ranges (percentile = 99.99th percentile of |x|)")
+@click.option("--calib-method", type=click.Choice(CALIB_METHODS), default="auto", show_default=True,
+              help="activation ranges: auto = minmax in attention models (outliers carry meaning), "
+                   "else the 99.99th percentile of |x|")
 @click.option("--first-last-bits", type=int, default=8, show_default=True,
               help="bits of the first and last weighted op (0 = same as --weight-bits)")
 @click.option("--exclude", multiple=True, help="node name to keep in FP32 (repeatable)")
+@click.option("--quantize-attention", is_flag=True,
+              help="also quantize activation x activation MatMuls (attention scores and context); FP by default")
+@text_options
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--max-memory", type=float, default=4.0, show_default=True,
               help="GiB of calibration activations kept in RAM before spilling to disk")
@@ -110,41 +123,46 @@ def main(verbose):
 @preprocess_options
 @user_errors
 def quantize(model, calib, output, method, weight_bits, act_bits, granularity, regions, preset, iters, batch_size,
-             lr, act_lr, drop_prob, calib_size, augment, calib_method, first_last_bits, exclude, device, max_memory, target, report,
-             seed, quiet, preprocess, size, resize, mean, std):
+             lr, act_lr, drop_prob, calib_size, augment, calib_method, first_last_bits, exclude, quantize_attention,
+             tokenizer, max_length, device, max_memory, target, report, seed, quiet, preprocess, size, resize, mean, std):
     """Quantize MODEL with calibration data and write a QDQ ONNX model."""
     from .api import quantize as run_quantize
 
     cfg = QuantConfig(method=method, weight_bits=int(weight_bits), act_bits=int(act_bits), granularity=granularity,
                       regions=regions, preset=preset, iters=iters, batch_size=batch_size, lr=lr, act_lr=act_lr, drop_prob=drop_prob,
                       calib_size=calib_size, augment=augment, calib_method=calib_method, first_last_bits=first_last_bits or None,
-                      exclude=list(exclude), device=device, seed=seed, max_memory=max_memory, target=target,
+                      exclude=list(exclude), quantize_act_matmul=quantize_attention, device=device, seed=seed, max_memory=max_memory, target=target,
                       progress=not quiet)
     source = calib[0] if len(calib) == 1 else list(calib)
     result = run_quantize(model, output, source, cfg, preprocess=_preprocess(preprocess, size, resize, mean, std),
-                          report=report)
+                          tokenizer=tokenizer, max_length=max_length, report=report)
     click.echo(result.format_table())
     click.echo(f"wrote {result.output}  (report: {result.report_path})")
 
 
 @main.command("eval")
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--data", required=True, help="image folder (with labels.csv) or .npy/.npz feeds")
+@click.option("--data", required=True,
+              help="image folder (with labels.csv), .npy/.npz feeds, or a .txt file (one text per line, with --tokenizer)")
 @click.option("--labels", default=None, help="labels.csv (columns file, class_index); default DATA/labels.csv")
 @click.option("--ref", default=None, help="FP32 reference model for agreement / SQNR / cosine")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--limit", type=int, default=None, help="evaluate only the first N samples")
+@click.option("--output", "output_name", default=None, help="model output to score (default: the first float output)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.option("--ort-opt", type=click.Choice(["disable", "basic", "all"]), default="disable", show_default=True,
               help="ORT graph optimisation; 'all' fuses Q/DQ into ORT-CPU int8 kernels (see README)")
+@text_options
 @preprocess_options
 @user_errors
-def eval_cmd(model, data, labels, ref, batch_size, limit, as_json, ort_opt, preprocess, size, resize, mean, std):
+def eval_cmd(model, data, labels, ref, batch_size, limit, output_name, as_json, ort_opt, tokenizer, max_length, preprocess, size,
+             resize, mean, std):
     """Top-1/top-5, agreement with a reference, output SQNR (or embedding cosine)."""
     from .runtime.evaluate import evaluate
 
     rep = evaluate(model, data, labels=labels, ref=ref, preprocess=_preprocess(preprocess, size, resize, mean, std),
-                   batch_size=batch_size, limit=limit, optimization=ort_opt)
+                   batch_size=batch_size, limit=limit, optimization=ort_opt, tokenizer=tokenizer, max_length=max_length,
+                   output=output_name)
     click.echo(json.dumps(rep.to_dict(), indent=2) if as_json else rep.format_table())
 
 

@@ -9,7 +9,7 @@ from .errors import OnnxflexError
 
 METHODS = ("flexround", "adaround", "rtn")
 REGION_MODES = ("auto", "layer", "block")
-CALIB_METHODS = ("mse", "percentile", "minmax")
+CALIB_METHODS = ("auto", "percentile", "mse", "minmax")
 TARGETS = ("tensorrt", "ort-cpu")
 
 # iterations per region, mini-batch size, FlexRound lr, AdaRound lr, activation-step (LSQ) lr
@@ -37,10 +37,13 @@ class QuantConfig:
     drop_prob: Optional[float] = None  # QDrop: P(feed FP input); default 0.5 when activations are quantized
     calib_size: int = 256  # calibration samples (images, for a folder)
     augment: int = 0  # extra random-crop views per calibration image
-    calib_method: str = "percentile"  # activation range: percentile | mse | minmax (bench/rtn_vs_ort.py picked it)
+    # activation range: auto (minmax in attention models, else percentile: passes/calibrate.py) |
+    # percentile | mse | minmax
+    calib_method: str = "auto"
     percentile: float = 99.99
     first_last_bits: Optional[int] = 8  # first and last weighted op stay at this many bits; None = same as weights
     quantize_act_matmul: bool = False  # activation x activation MatMul (attention) inputs
+    quantize_residual: Optional[bool] = None  # Q/DQ on residual Add inputs; None = not in attention models
     exclude: list = field(default_factory=list)  # node names kept in FP32
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0

@@ -15,7 +15,8 @@ import onnx
 from ..graph import Graph, WeightSpec
 from ..lift.ops import is_supported
 
-SIDE_RATIO = 0.25  # a live tensor this much smaller than the largest one is a side input (mask, shape)
+SIDE_RATIO = 0.01  # a live tensor this much smaller than the largest one is a side input (a scalar)
+MAX_PERIOD = 4  # longest repeating unit of spans looked for (attention + MLP = 2)
 
 
 @dataclass
@@ -43,6 +44,26 @@ def _weight_dependent(graph: Graph) -> set:
     dep = set()
     for n in graph.nodes:
         if graph.weight_spec(n) is not None or any(i in dep for i in n.input):
+            dep.update(o for o in n.output if o)
+    return dep
+
+
+SHAPE_OPS = ("Shape", "Size")  # read only a tensor's shape: their outputs carry no activation data
+EMBEDDING_MIN_ELEMENTS = 1024  # a float initializer this large read by a node is a learned table (embeddings)
+
+
+def _data_dependent(graph: Graph) -> set:
+    """Tensors downstream of a weighted op or of a large float table (embedding lookups): the
+    activations. What is left are side tensors computed from the inputs alone (masks, positions)."""
+    def reads_table(n):
+        return any(i in graph.initializers and graph.initializers[i].data_type == onnx.TensorProto.FLOAT
+                   and int(np.prod(graph.initializers[i].dims)) >= EMBEDDING_MIN_ELEMENTS for i in n.input)
+
+    dep = set()
+    for n in graph.nodes:
+        if n.op_type in SHAPE_OPS:
+            continue
+        if graph.weight_spec(n) is not None or reads_table(n) or any(i in dep for i in n.input):
             dep.update(o for o in n.output if o)
     return dep
 
@@ -75,9 +96,13 @@ def live_sets(graph: Graph) -> list[set]:
     return live
 
 
-def _main_tensors(live: set, sizes: Optional[dict], int_tensors: set) -> set:
-    """Drop side inputs (integer tensors, tensors much smaller than the largest live one)."""
+def _main_tensors(live: set, sizes: Optional[dict], int_tensors: set, dep: set) -> set:
+    """Drop side inputs: integer tensors, tensors computed from the inputs alone while an activation
+    is live (an attention mask and what is derived from it), and tensors much smaller than the
+    largest live one (shapes, scalars)."""
     main = {t for t in live if t not in int_tensors}
+    if any(t in dep for t in main):
+        main = {t for t in main if t in dep}
     if sizes and main:
         biggest = max(sizes.get(t, 1) for t in main)
         main = {t for t in main if sizes.get(t, 1) > SIDE_RATIO * biggest}
@@ -105,6 +130,90 @@ def _region(graph: Graph, index: int, nodes: list, quantize: set, after: set) ->
     return Region(index, kind, nodes, inputs, outputs, [] if unsupported else weights, unsupported)
 
 
+def _signature(graph: Graph, span: list, quantize: set) -> tuple:
+    """What a span computes with weights: its weighted ops and their weight shapes."""
+    out = []
+    for n in span:
+        spec = graph.weight_spec(n)
+        if spec is not None and n.name in quantize:
+            out.append((n.op_type, tuple(graph.initializers[spec.weight].dims)))
+    return tuple(out)
+
+
+def _fold_weightless(spans: list, sigs: list) -> list:
+    """Join spans without quantized weights to the span before them (leading ones to the first
+    weighted span), so a layer ends after its closing LayerNorm rather than before it."""
+    out, lead = [], []
+    for s, sig in zip(spans, sigs):
+        if sig:
+            out.append(lead + s)
+            lead = []
+        elif out:
+            out[-1] = out[-1] + s
+        else:
+            lead = lead + s
+    return out or [lead]
+
+
+def _group_repeats(spans: list, sigs: list) -> list:
+    """Merge spans into the model's repeating unit. A transformer layer is cut twice at a single
+    live tensor (after attention, after the MLP), so its spans alternate A, M, A, M...: the period
+    is 2 and each unit A+M is one layer. A CNN whose blocks repeat one at a time keeps period 1."""
+    def matches(p):
+        return [i for i in range(len(sigs) - p) if sigs[i] and sigs[i] == sigs[i + p]]
+
+    best_p, best = 1, len(matches(1))
+    for p in range(2, MAX_PERIOD + 1):
+        m = matches(p)
+        if len(m) > best and len(m) >= p:
+            best_p, best = p, len(m)
+    if best_p == 1:
+        return spans
+    start = matches(best_p)[0]
+    unit = sigs[start:start + best_p]
+    out, i = list(spans[:start]), start
+    while i + best_p <= len(spans) and sigs[i:i + best_p] == unit:
+        out.append([n for s in spans[i:i + best_p] for n in s])
+        i += best_p
+    return out + list(spans[i:])
+
+
+def _shape_only(graph: Graph) -> set:
+    """Tensors computed from tensor shapes and constants alone (batch size, sequence length, the
+    targets of Reshape). They describe one batch, not one sample, so they never cross regions."""
+    out = set()
+    for n in graph.nodes:
+        if n.op_type in SHAPE_OPS or (n.op_type != "Constant" and all(
+                not i or graph.is_constant(i) or i in out for i in n.input) and any(i in out for i in n.input)):
+            out.update(o for o in n.output if o)
+    return out
+
+
+def _recompute_shapes(graph: Graph, spans: list) -> list:
+    """Give each region its own copy of the shape computations it reads from earlier regions
+    (from the Shape node on), instead of passing batch-sized shape tensors between regions."""
+    shape_only = _shape_only(graph)
+    if not shape_only:
+        return spans
+    order = {id(n): i for i, n in enumerate(graph.nodes)}
+    out = []
+    for span in spans:
+        made = {o for n in span for o in n.output}
+        extra, seen = [], set()
+        todo = [t for n in span for t in n.input if t in shape_only and t not in made]
+        while todo:
+            t = todo.pop()
+            p = graph.producer.get(t)
+            if p is None or id(p) in seen:
+                continue
+            seen.add(id(p))
+            extra.append(p)
+            if p.op_type not in SHAPE_OPS:
+                todo.extend(i for i in p.input if i in shape_only and i not in made)
+        out.append(sorted(extra, key=lambda n: order[id(n)]) + list(span) if extra else span)
+    return out
+
+
 def partition(graph: Graph, mode: str = "auto", quantize: Optional[set] = None,
               sizes: Optional[dict] = None, max_ops: Optional[int] = None) -> list[Region]:
     """Split the graph into regions.
@@ -127,7 +236,8 @@ def partition(graph: Graph, mode: str = "auto", quantize: Optional[set] = None,
     if mode == "layer":
         cuts = [i - 1 for i in range(1, len(nodes)) if is_w[i] and any(is_w[:i])]
     else:
-        cuts = [i for i in range(len(nodes) - 1) if len(_main_tensors(live[i], sizes, int_tensors)) <= 1]
+        dep = _data_dependent(graph)
+        cuts = [i for i in range(len(nodes) - 1) if len(_main_tensors(live[i], sizes, int_tensors, dep)) <= 1]
     spans, start = [], 0
     for c in cuts:
         spans.append(nodes[start:c + 1])
@@ -136,6 +246,8 @@ def partition(graph: Graph, mode: str = "auto", quantize: Optional[set] = None,
     spans = [s for s in spans if s]
 
     if mode != "layer":
+        spans = _fold_weightless(spans, [_signature(graph, s, quantize) for s in spans])
+        spans = _group_repeats(spans, [_signature(graph, s, quantize) for s in spans])
         counts = [sum(1 for n in s if n.name in quantize and graph.weight_spec(n) is not None) for s in spans]
         cap = max_ops or max(3, max(counts) if counts else 1)
         merged, cur, cur_ops = [], [], 0
@@ -152,14 +264,15 @@ def partition(graph: Graph, mode: str = "auto", quantize: Optional[set] = None,
                 merged.append(cur)
         spans = merged
 
-    # every tensor read after a region ends is "after" for that region
+    spans = _recompute_shapes(graph, spans)
+    # every tensor read after a region ends (and not computed there) is "after" for that region
     regions = []
     readers_after = [set() for _ in spans]
     later = set(graph.output_names)
     for k in range(len(spans) - 1, -1, -1):
         readers_after[k] = set(later)
-        for n in spans[k]:
-            later.update(t for t in n.input if t)
+        made = {o for n in spans[k] for o in n.output}
+        later.update(t for n in spans[k] for t in n.input if t and t not in made)
     for k, s in enumerate(spans):
         regions.append(_region(graph, k, s, quantize, readers_after[k]))
     return regions
@@ -170,16 +283,25 @@ def tensor_sizes(shapes: dict) -> dict:
     return {t: int(np.prod(s[1:])) if len(s) > 1 else 1 for t, s in shapes.items()}
 
 
-def auto_mode(device: str) -> str:
-    """auto: blocks where forward/backward passes are affordable (a GPU), else single-op regions,
-    whose exact Gram-form loss makes an iteration independent of the activation size (CPU)."""
-    return "block" if device == "cuda" else "layer"
+def has_attention(graph: Graph) -> bool:
+    """True when a MatMul multiplies two activations (attention scores or context)."""
+    return any(n.op_type == "MatMul" and graph.weight_spec(n) is None
+               and not any(graph.is_constant(i) for i in n.input[:2]) for n in graph.nodes)
+
+
+def auto_mode(device: str, attention: bool = False) -> str:
+    """auto: blocks where forward/backward passes are affordable (a GPU) or needed (attention:
+    query and key weights act together through the softmax, so each layer is fitted as a whole);
+    else single-op regions, whose exact Gram-form loss makes an iteration independent of the
+    activation size (a CNN on the CPU)."""
+    return "block" if device == "cuda" or attention else "layer"
 
 
 class PartitionPass:
     """Graph -> regions, stored on the context for the reconstruct pass."""
 
     def run(self, graph: Graph, ctx) -> Graph:
-        mode = ctx.config.regions if ctx.config.regions != "auto" else auto_mode(ctx.device)
+        mode = ctx.config.regions if ctx.config.regions != "auto" else auto_mode(ctx.device, has_attention(graph))
+        ctx.region_mode = mode
         ctx.regions = partition(graph, mode, quantize=ctx.quantize_nodes, sizes=ctx.tensor_sizes)
         return graph

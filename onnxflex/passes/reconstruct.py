@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -32,6 +32,7 @@ log = logging.getLogger("onnxflex")
 FLOAT_TYPES = (np.float32, np.float16, np.float64)
 ROWS_PER_INPUT = 4  # see ReconstructPass._determined
 EVAL_SAMPLES = 32  # held-out calibration samples on which RTN and learned region errors are compared
+RANGE_SAMPLES = 64  # training samples on which each activation's range candidates are compared
 
 
 @dataclass
@@ -58,6 +59,7 @@ class RegionReport:
     iters: int = 0
     seconds: float = 0.0
     status: str = ""
+    act_ranges: dict = field(default_factory=dict)  # activation -> range method kept (calib auto)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -116,20 +118,41 @@ def torch_outputs(module, store: TensorStore, inputs: list, outputs: list, n: in
     return {o: np.concatenate(v) for o, v in res.items()}
 
 
+def token_weights(mask: Optional[torch.Tensor], out: torch.Tensor) -> Optional[torch.Tensor]:
+    """The token mask broadcast over ``out`` when ``out`` is laid out [batch, seq, ...]; else None.
+    Padded positions carry no meaning, so they are left out of every reconstruction loss."""
+    if mask is None or out.dim() < 2 or tuple(out.shape[:2]) != tuple(mask.shape):
+        return None
+    return mask.reshape(tuple(mask.shape) + (1,) * (out.dim() - 2)).to(out.dtype)
+
+
+def squared_error(pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor]):
+    """(sum of squared errors over the counted positions, number of counted elements)."""
+    d = (pred.float() - target.float()) ** 2
+    w = token_weights(mask, d)
+    if w is None:
+        return d.sum(dtype=torch.float64), d.numel()
+    return (d * w).sum(dtype=torch.float64), float(w.sum()) * (d[0, 0].numel())
+
+
 @torch.no_grad()
-def region_mse(module, store: TensorStore, inputs: list, targets: dict, samples: range, batch: int, device) -> float:
+def region_mse(module, store: TensorStore, inputs: list, targets: dict, samples: range, batch: int, device,
+               token_mask: Optional[np.ndarray] = None) -> float:
     """Mean over the region's float outputs of the output MSE on ``samples`` (streamed)."""
     names = [o for o, t in targets.items() if t.dtype in FLOAT_TYPES]
     if not names:
         return 0.0
     sq = {o: 0.0 for o in names}
+    count = {o: 0.0 for o in names}
     for s in range(samples.start, samples.stop, batch):
         e = min(s + batch, samples.stop)
         outs = module(*[_to_torch(store[i][s:e], device) for i in inputs])
+        mask = None if token_mask is None else _to_torch(token_mask[s:e], device)
         for o in names:
-            d = outs[o].float() - _to_torch(targets[o][s:e], device)
-            sq[o] += float(torch.sum(d * d, dtype=torch.float64))
-    return float(np.mean([sq[o] / targets[o][samples.start:samples.stop].size for o in names]))
+            err, c = squared_error(outs[o], _to_torch(targets[o][s:e], device), mask)
+            sq[o] += float(err)
+            count[o] += c
+    return float(np.mean([sq[o] / max(count[o], 1.0) for o in names]))
 
 
 def out_by_in(w: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
@@ -187,6 +210,7 @@ class _Streams:
     q: TensorStore
     n: int
     n_train: int  # samples [0, n_train) train; the rest are held out to judge each region
+    mask: Optional[np.ndarray] = None  # [n, seq] token mask (text): padded positions are not fitted
 
 
 class ReconstructPass:
@@ -202,7 +226,9 @@ class ReconstructPass:
         budget = cfg.max_memory * (1 << 30) / 2
         n = ctx.calibration.num_samples
         n_hold = min(EVAL_SAMPLES, n // 8) if n >= 16 else 0
-        streams = _Streams(TensorStore(budget), TensorStore(budget), n, n - n_hold)
+        mask = ctx.calibration.token_mask
+        streams = _Streams(TensorStore(budget), TensorStore(budget), n, n - n_hold,
+                           None if mask is None else np.asarray(mask, np.float32))
         for name, arr in ctx.calibration.stacked().items():
             streams.fp.put(name, arr)
             streams.q.put(name, arr)
@@ -332,7 +358,17 @@ class ReconstructPass:
         # RTN vs learned errors are compared on held-out calibration samples that training never
         # sees, so a region that overfits the calibration set keeps its RTN weights
         held = range(streams.n_train, n) if streams.n_train < n else range(0, min(n, EVAL_SAMPLES))
-        rep.rtn_mse = region_mse(build(rtn_q), streams.q, region.inputs, y_fp, held, ebatch, device)
+        own = {t: m for t, m in act_quant.items() if act_owner.get(t) == region.index and ctx.act_points[t].candidates}
+        for t, m in own.items():  # greedy, in graph order: each range given the ones chosen before it
+            sel = range(0, min(streams.n_train, RANGE_SAMPLES))
+            errs = {}
+            for method, scale in ctx.act_points[t].candidates.items():
+                m.step.data.fill_(scale)
+                errs[method] = region_mse(build(rtn_q), streams.q, region.inputs, y_fp, sel, ebatch, device, streams.mask)
+            best = min(errs, key=errs.get)
+            m.step.data.fill_(ctx.act_points[t].candidates[best])
+            rep.act_ranges[t] = best
+        rep.rtn_mse = region_mse(build(rtn_q), streams.q, region.inputs, y_fp, held, ebatch, device, streams.mask)
         chosen, rep.status = rtn_q, "rtn"
         if cfg.method != "rtn" and cfg.iters > 0 and not any(determined):
             rep.status = "rtn: too few calibration rows to learn"
@@ -358,7 +394,7 @@ class ReconstructPass:
             for m in act_quant.values():
                 m.eval()
             rep.iters = cfg.iters
-            rep.learned_mse = region_mse(module, streams.q, region.inputs, y_fp, held, ebatch, device)
+            rep.learned_mse = region_mse(module, streams.q, region.inputs, y_fp, held, ebatch, device, streams.mask)
             if not math.isfinite(rep.learned_mse):
                 rep.status = "kept rtn: loss not finite"
             elif rep.learned_mse > rep.rtn_mse:
@@ -408,11 +444,18 @@ class ReconstructPass:
         return opt, sched
 
     @staticmethod
-    def _data_loss(pred, target, per_sample: bool):
-        """MSE; AdaRound's regulariser weight (lambda 0.01) is tuned for the per-sample sum instead."""
+    def _data_loss(pred, target, per_sample: bool, mask=None):
+        """MSE over the counted (non-padding) positions; AdaRound's regulariser weight (lambda 0.01)
+        is tuned for the per-sample sum instead."""
+        d = (pred - target).pow(2)
+        w = token_weights(mask, d)
+        if w is not None:
+            d = d * w
         if per_sample:
-            return (pred - target).pow(2).reshape(pred.shape[0], -1).sum(1).mean()
-        return torch.nn.functional.mse_loss(pred, target)
+            return d.reshape(pred.shape[0], -1).sum(1).mean()
+        if w is None:
+            return d.mean()
+        return d.sum() / (w.sum() * d[0, 0].numel()).clamp(min=1.0)
 
     def _fit(self, ctx, region, quantizers, act_params, batch_loss):
         """The one reconstruction loop: Adam with cosine decay on ``batch_loss(it)`` plus the
@@ -448,13 +491,15 @@ class ReconstructPass:
         xq = {t: stage(streams.q[t], device) for t in region.inputs}
         xfp = {t: stage(streams.fp[t], device) for t in region.inputs}
         ys = {o: stage(y_fp[o], device) for o in float_outs}
+        masks = None if streams.mask is None else stage(streams.mask, device)
 
         def batch_loss(it):
             idx = torch.from_numpy(np.sort(rng.choice(n, bs, replace=False))).to(device)
             feeds = [self._mix(xq[t].index_select(0, idx), xfp[t].index_select(0, idx), cfg.drop_prob, gen)
                      for t in region.inputs]
             out = module(*feeds)
-            loss = sum(self._data_loss(out[o], ys[o].index_select(0, idx), per_sample) for o in float_outs)
+            m = None if masks is None else masks.index_select(0, idx)
+            loss = sum(self._data_loss(out[o], ys[o].index_select(0, idx), per_sample, m) for o in float_outs)
             return loss / max(1, len(float_outs))
 
         self._fit(ctx, region, quantizers, [p for m in own_acts for p in m.parameters()], batch_loss)
@@ -478,11 +523,17 @@ class ReconstructPass:
                 if act is not None:
                     x = act(x)
                 y = _to_torch(y_lin[idx], device)
+                m = None if streams.mask is None else token_weights(_to_torch(streams.mask[idx], device), y)
+                if m is not None:  # only the real tokens' rows enter G, C and ||R||^2
+                    keep = m.reshape(m.shape[:2]) > 0
+                    x, y = x[keep], y[keep]
                 if spec.op_type == "Conv":
                     geo = _conv_geometry(node, tuple(x.shape), tuple(w.shape))
                     stats.append(gram_mod.conv_gram(x, w, b, y, **geo, accum_dtype=torch.float32))
                 else:
-                    stats.append(gram_mod.linear_gram(x, out_by_in(w, spec), b, y, accum_dtype=torch.float32))
+                    st = gram_mod.linear_gram(x, out_by_in(w, spec), b, y, accum_dtype=torch.float32)
+                    st.samples = len(idx)
+                    stats.append(st)
         data = gram_mod.gram_sample_loss if cfg.method == "adaround" else gram_mod.gram_mse
 
         def batch_loss(it):

@@ -3,9 +3,10 @@
 * Image folders are streamed in batches, so evaluating a large folder never holds it all in memory.
   Labels come from ``labels.csv`` (columns ``file,class_index``; ``file`` relative to the folder) --
   by default ``<folder>/labels.csv`` when it exists.
+* A ``.txt`` file (one text per line) is tokenized with ``tokenizer`` (a Hugging Face tokenizer folder).
 * ``.npy``/``.npz`` data (or an iterable of feed dicts / a :class:`CalibrationSet`) are loaded with the
   calibration loader, so they are validated the same way; labels are then a ``.npy`` of class indices.
-* The first model output is scored unless ``output`` names another.  A 2-D output is a *classifier* when
+* The first float model output is scored unless ``output`` names another.  A 2-D output is a *classifier* when
   labels are given or its width is a known class count; anything else is an *embedding*.
   Classifiers get top-1/top-5 (with labels) and top-1 agreement, SQNR, KL, cosine (with ``ref``);
   embeddings get SQNR and cosine vs ``ref``.
@@ -38,6 +39,7 @@ from ..calib import (
     to_layout,
 )
 from ..errors import OnnxflexError
+from ..text import is_text_file, load_text_calibration
 from . import metrics
 from .session import _summarize, input_specs, make_session
 
@@ -219,6 +221,8 @@ def evaluate(
     threads: int | None = None,
     output: str | None = None,
     optimization: str = "disable",
+    tokenizer: str | Path | None = None,
+    max_length: int = 128,
 ) -> EvalReport:
     """Evaluate ``model`` on ``data``; see the module docstring for what is measured when.
 
@@ -242,7 +246,8 @@ def evaluate(
                 "compare models with the same inputs"
             )
     outs = [o.name for o in sess.get_outputs()]
-    out_name = output or outs[0]
+    floats = [o.name for o in sess.get_outputs() if o.type in ("tensor(float)", "tensor(float16)")]
+    out_name = output or (floats[0] if floats else outs[0])
     if out_name not in outs:
         raise OnnxflexError(f"model has no output {out_name!r}; its outputs are {', '.join(outs)}")
     if rsess is not None:
@@ -276,7 +281,12 @@ def evaluate(
     else:
         if isinstance(data, (str, os.PathLike)) and not Path(data).exists():
             raise OnnxflexError(f"data path {data} does not exist; check the path")
-        cs = data if isinstance(data, CalibrationSet) else load_calibration(data, specs, size=limit)
+        if isinstance(data, CalibrationSet):
+            cs = data
+        elif isinstance(data, (str, os.PathLike)) and is_text_file(data):
+            cs = load_text_calibration(data, specs, tokenizer, max_length=max_length, size=limit)
+        else:
+            cs = load_calibration(data, specs, size=limit)
         if isinstance(data, CalibrationSet) and limit is not None:
             cs = CalibrationSet(cs.samples[:limit], cs.input_names, cs.source, cs.files, cs.static_batch, cs.input_specs)
         if labels is not None:
