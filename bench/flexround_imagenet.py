@@ -9,16 +9,13 @@ images). Each quantization runs as its own `onnxflex quantize` process so wall t
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import fmt, machine, parse_row, run_quantize, save_results  # noqa: E402
 from models.build import IMAGE_MODELS, IMAGENET_SAMPLE, MODELS  # noqa: E402
 from onnxflex.calib import make_preprocess  # noqa: E402
 from onnxflex.runtime.evaluate import evaluate  # noqa: E402
@@ -38,12 +35,6 @@ def pp_flags(name: str) -> list:
     flags = ["--size", str(pp["size"]), "--resize", str(pp["resize"]),
              "--mean", ",".join(f"{v:.6f}" for v in pp["mean"]), "--std", ",".join(f"{v:.6f}" for v in pp["std"])]
     return (["--preprocess", "tf"] if pp["interpolation"] == "bicubic" else ["--preprocess", "torch"]) + flags
-
-
-def parse_row(row: str):
-    method, bits = row.split(":")
-    w, a = bits.lower().lstrip("w").split("a")
-    return method, int(w), int(a)
 
 
 def main():
@@ -76,20 +67,15 @@ def main():
         method, wb, ab = parse_row(spec.strip())
         out = work / f"{args.model}_{method}_w{wb}a{ab}_{args.preset}{args.tag}.onnx"
         report = out.with_suffix(".report.json")
-        cmd = [sys.executable, "-m", "onnxflex.cli", "quantize", str(fp32), "--calib", str(IMAGENET_SAMPLE / "calib"),
-               "-o", str(out), "--method", method, "--weight-bits", str(wb), "--act-bits", str(ab),
-               "--preset", args.preset, "--regions", args.regions, "--granularity", args.granularity,
-               "--calib-size", str(args.calib_size), "--device", args.device, "--report", str(report), "-q",
-               *pp_flags(args.model)]
+        cmd = [fp32, "--calib", IMAGENET_SAMPLE / "calib", "-o", out, "--method", method, "--weight-bits", wb,
+               "--act-bits", ab, "--preset", args.preset, "--regions", args.regions, "--granularity", args.granularity,
+               "--calib-size", args.calib_size, "--device", args.device, *pp_flags(args.model)]
         if args.iters is not None:
-            cmd += ["--iters", str(args.iters)]
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wall = time.perf_counter() - t0
-        if proc.returncode != 0:
-            print(f"{spec}: FAILED\n{proc.stderr[-3000:]}", flush=True)
+            cmd += ["--iters", args.iters]
+        ran = run_quantize(cmd, report, spec)
+        if ran is None:
             continue
-        summary = json.loads(report.read_text())["summary"]
+        summary, wall = ran
         ev = evaluate(str(out), val, ref=str(fp32), preprocess=pp)
         rows.append(dict(method=method, bits=f"W{wb}A{ab}", top1=ev.top1 * 100, agree=ev.agreement * 100,
                          seconds=wall, peak_mb=summary["peak_rss_mb"], iters=summary["iters"], sqnr=ev.sqnr_db))
@@ -100,23 +86,16 @@ def main():
             f"- calibration: {args.calib_size} images of imagenet-sample/calib; evaluation: 244 images of imagenet-sample/val\n"
             f"- weights per-{args.granularity}, symmetric; first and last weighted op 8-bit; activations int8 per-tensor (A16: int16)\n"
             f"- preset {args.preset}, regions {args.regions}, iterations per region as listed; device {args.device}\n"
-            f"- machine: {platform.machine()}, {subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores; "
+            f"- machine: {machine()}; "
             f"ORT CPU provider with graph optimisations off (Q/DQ as written)\n"
             f"- reproduce: `{cmdline}`\n\n")
     table = ["| method | bits | iters | top-1 % | Δ vs FP32 | agree % | out SQNR dB | quant time s | peak RSS MB |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
-        table.append(f"| {r['method']} | {r['bits']} | {f(r['iters'], 'd')} | {r['top1']:.2f} | "
-                     f"{r['top1'] - rows[0]['top1']:+.2f} | {r['agree']:.1f} | {f(r['sqnr'], '.1f')} | "
-                     f"{f(r['seconds'], '.0f')} | {f(r['peak_mb'], '.0f')} |")
-    text = head + "\n".join(table) + "\n"
-    print("\n" + text)
-    res = ROOT / "bench" / "results"
-    res.mkdir(parents=True, exist_ok=True)
-    name = f"flexround_imagenet_{args.model}_{args.preset}_{args.regions}{args.tag}"
-    (res / f"{name}.md").write_text(text)
-    (res / f"{name}.json").write_text(json.dumps(dict(args=vars(args), rows=rows), indent=2))
+        table.append(f"| {r['method']} | {r['bits']} | {fmt(r['iters'], 'd')} | {r['top1']:.2f} | "
+                     f"{r['top1'] - rows[0]['top1']:+.2f} | {r['agree']:.1f} | {fmt(r['sqnr'], '.1f')} | "
+                     f"{fmt(r['seconds'], '.0f')} | {fmt(r['peak_mb'], '.0f')} |")
+    save_results(f"flexround_imagenet_{args.model}_{args.preset}_{args.regions}{args.tag}", head, table, args, rows)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,7 @@ Each quantization runs as its own `onnxflex quantize` process, so time and peak 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +21,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import fmt, machine, parse_row, run_quantize, save_results  # noqa: E402
 from models import minilm  # noqa: E402
 from onnxflex.runtime.session import make_session  # noqa: E402
 from onnxflex.text import load_text_calibration  # noqa: E402
@@ -88,12 +85,6 @@ def polarity_accuracy(emb: np.ndarray, labels: np.ndarray) -> float:
     return correct / len(e)
 
 
-def parse_row(row: str):
-    method, bits = row.split(":")
-    w, a = bits.lower().lstrip("w").split("a")
-    return method, int(w), int(a)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default=DEFAULT_ROWS, help="method:wXaY, comma-separated")
@@ -135,21 +126,17 @@ def main():
         method, wb, ab = parse_row(spec.strip())
         out = work / f"minilm_{method}_w{wb}a{ab}_{args.preset}{args.tag}.onnx"
         report = out.with_suffix(".report.json")
-        cmd = [sys.executable, "-m", "onnxflex.cli", "quantize", str(fp32), "--calib", str(calib),
-               "--tokenizer", tok, "--max-length", str(args.max_length), "-o", str(out), "--method", method,
-               "--weight-bits", str(wb), "--act-bits", str(ab), "--preset", args.preset, "--regions", args.regions,
-               "--calib-size", str(args.calib_size), "--device", args.device, "--report", str(report), "-q"]
+        cmd = [fp32, "--calib", calib, "--tokenizer", tok, "--max-length", args.max_length, "-o", out,
+               "--method", method, "--weight-bits", wb, "--act-bits", ab, "--preset", args.preset,
+               "--regions", args.regions, "--calib-size", args.calib_size, "--device", args.device]
         if args.iters is not None:
-            cmd += ["--iters", str(args.iters)]
+            cmd += ["--iters", args.iters]
         if args.batch_size is not None:
-            cmd += ["--batch-size", str(args.batch_size)]
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wall = time.perf_counter() - t0
-        if proc.returncode != 0:
-            print(f"{spec}: FAILED\n{proc.stderr[-3000:]}", flush=True)
+            cmd += ["--batch-size", args.batch_size]
+        ran = run_quantize(cmd, report, spec)
+        if ran is None:
             continue
-        summary = json.loads(report.read_text())["summary"]
+        summary, wall = ran
         e, r, acc = score(out)
         cos = float(np.mean(np.sum(unit(e) * unit(e_fp), axis=1)))
         rows.append(dict(method=method, bits=f"W{wb}A{ab}", cosine=cos, pearson=r, polarity=acc, seconds=wall,
@@ -165,25 +152,19 @@ def main():
             f"+ pang_lee_polarity.cor (200 sentences, leave-one-out nearest-centroid accuracy), {EVAL_MAX_LENGTH} tokens\n"
             f"- cosine: mean cosine of each embedding to FP32's over the 250 evaluation texts\n"
             f"- weights per-channel, symmetric; first and last weighted op 8-bit; activations per-tensor "
-            f"(int8, A16 = int16) on MatMul inputs, minmax ranges, residual Adds and attention MatMuls FP\n"
+            f"(int8, A16 = int16) on MatMul inputs, ranges chosen per activation by region error (auto); "
+            f"residual Adds and attention MatMuls FP\n"
             f"- preset {args.preset}, regions {args.regions} (one encoder layer per region), device {args.device}\n"
-            f"- machine: {platform.machine()}, {subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores; "
+            f"- machine: {machine()}; "
             f"ORT CPU provider with graph optimisations off (Q/DQ as written)\n"
             f"- reproduce: `{cmdline}`\n\n")
     table = ["| method | bits | iters | cosine to FP32 | Lee Pearson | Δ Pearson | polarity acc % | quant time s | peak RSS MB |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
-        table.append(f"| {r['method']} | {r['bits']} | {f(r['iters'], 'd')} | {r['cosine']:.4f} | {r['pearson']:.4f} | "
+        table.append(f"| {r['method']} | {r['bits']} | {fmt(r['iters'], 'd')} | {r['cosine']:.4f} | {r['pearson']:.4f} | "
                      f"{r['pearson'] - rows[0]['pearson']:+.4f} | {r['polarity'] * 100:.1f} | "
-                     f"{f(r['seconds'], '.0f')} | {f(r['peak_mb'], '.0f')} |")
-    text = head + "\n".join(table) + "\n"
-    print("\n" + text)
-    res = ROOT / "bench" / "results"
-    res.mkdir(parents=True, exist_ok=True)
-    name = f"minilm_{args.preset}_{args.regions}{args.tag}"
-    (res / f"{name}.md").write_text(text)
-    (res / f"{name}.json").write_text(json.dumps(dict(args=vars(args), rows=rows), indent=2))
+                     f"{fmt(r['seconds'], '.0f')} | {fmt(r['peak_mb'], '.0f')} |")
+    save_results(f"minilm_{args.preset}_{args.regions}{args.tag}", head, table, args, rows)
 
 
 if __name__ == "__main__":

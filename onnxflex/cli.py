@@ -113,6 +113,7 @@ def main(verbose):
               help="also quantize activation x activation MatMuls (attention scores and context); FP by default")
 @text_options
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--tf32", is_flag=True, help="CUDA: allow TF32 convolutions and matmuls (faster, less like a CPU run)")
 @click.option("--max-memory", type=float, default=4.0, show_default=True,
               help="GiB of calibration activations kept in RAM before spilling to disk")
 @click.option("--target", type=click.Choice(TARGETS), default="tensorrt", show_default=True,
@@ -124,14 +125,14 @@ def main(verbose):
 @user_errors
 def quantize(model, calib, output, method, weight_bits, act_bits, granularity, regions, preset, iters, batch_size,
              lr, act_lr, drop_prob, calib_size, augment, calib_method, first_last_bits, exclude, quantize_attention,
-             tokenizer, max_length, device, max_memory, target, report, seed, quiet, preprocess, size, resize, mean, std):
+             tokenizer, max_length, device, tf32, max_memory, target, report, seed, quiet, preprocess, size, resize, mean, std):
     """Quantize MODEL with calibration data and write a QDQ ONNX model."""
     from .api import quantize as run_quantize
 
     cfg = QuantConfig(method=method, weight_bits=int(weight_bits), act_bits=int(act_bits), granularity=granularity,
                       regions=regions, preset=preset, iters=iters, batch_size=batch_size, lr=lr, act_lr=act_lr, drop_prob=drop_prob,
                       calib_size=calib_size, augment=augment, calib_method=calib_method, first_last_bits=first_last_bits or None,
-                      exclude=list(exclude), quantize_act_matmul=quantize_attention, device=device, seed=seed, max_memory=max_memory, target=target,
+                      exclude=list(exclude), quantize_act_matmul=quantize_attention, device=device, tf32=tf32, seed=seed, max_memory=max_memory, target=target,
                       progress=not quiet)
     source = calib[0] if len(calib) == 1 else list(calib)
     result = run_quantize(model, output, source, cfg, preprocess=_preprocess(preprocess, size, resize, mean, std),

@@ -46,6 +46,7 @@ class QuantConfig:
     quantize_residual: Optional[bool] = None  # Q/DQ on residual Add inputs; None = not in attention models
     exclude: list = field(default_factory=list)  # node names kept in FP32
     device: str = "auto"  # auto | cpu | cuda
+    tf32: bool = False  # CUDA: allow TF32 convolutions/matmuls (faster; results drift further from a CPU run)
     seed: int = 0
     max_memory: float = 4.0  # GiB of live calibration tensors held in RAM before spilling to disk
     target: str = "tensorrt"  # tensorrt | ort-cpu (rule check on the output)

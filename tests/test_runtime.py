@@ -207,3 +207,15 @@ def test_evaluate_npy_and_embedding(tmp_path):
         warnings.simplefilter("error")
         r = evaluate(emb, tmp_path / "e.npy", ref=emb)
     assert r.kind == "embedding" and r.cosine == pytest.approx(1.0) and r.agreement is None and r.top1 is None
+
+
+def test_region_targets_use_cuda_only_when_reconstructing_there_and_ort_offers_it(monkeypatch):
+    import onnxruntime as ort
+
+    from onnxflex.runtime.session import target_providers
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert target_providers("cuda") == ("cuda", "cpu")
+    assert target_providers("cpu") == ("cpu",)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert target_providers("cuda") == ("cpu",)

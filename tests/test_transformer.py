@@ -185,17 +185,20 @@ def real_minilm(tmp_path_factory):
 
 @needs_minilm
 @pytest.mark.slow
-def test_lifted_minilm_layer_equals_onnxruntime(real_minilm):
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_lifted_minilm_layer_equals_onnxruntime(exporter, real_minilm, tmp_path):
     from onnxflex.lift.region import RegionModule
     from onnxflex.runtime.session import make_session
 
     path, calib, _ = real_minilm
+    if exporter == "dynamo":  # GatherND, other names, external data
+        path = minilm.build_minilm(str(tmp_path / "minilm_dynamo.onnx"), exporter="dynamo")
     fp, g = _prepared(path)
     cal = load_text_calibration(calib, model_input_specs(fp), minilm.tokenizer_dir(), max_length=32, size=4)
     feed = cal.stacked()
     sizes = tensor_sizes(capture_shapes(fp, next(cal.batches(1))))
     regions = partition(g, "block", sizes=sizes)
-    assert len(regions) == 6
+    assert len(regions) == 6 and all(len(r.weights) == 6 and not r.unsupported for r in regions)
     layer = regions[2]
     from onnxflex.graph import with_float_outputs
 
@@ -220,8 +223,10 @@ def test_minilm_w8a8_keeps_embeddings(real_minilm, tmp_path):
 
     path, calib, held = real_minilm
     out = tmp_path / "w8a8.onnx"
-    quantize(path, out, str(calib), tokenizer=minilm.tokenizer_dir(), max_length=64, method="flexround",
-             weight_bits=8, act_bits=8, iters=50, batch_size=8, progress=False)
+    # 24 short texts hold ~400 token rows: too few to learn a 1536-wide rounding (ROWS_PER_INPUT), so
+    # this checks what every method starts from: RTN weights with activation ranges chosen by region error
+    quantize(path, out, str(calib), tokenizer=minilm.tokenizer_dir(), max_length=64, method="rtn",
+             weight_bits=8, act_bits=8, progress=False)
     rep = evaluate(str(out), str(held), ref=path, tokenizer=minilm.tokenizer_dir())
     assert rep.num_samples == 4 and rep.kind == "embedding"
     assert rep.cosine >= 0.99, rep.cosine

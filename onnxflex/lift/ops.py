@@ -727,6 +727,22 @@ def gather(inputs, attrs, opset):
     return [out.reshape(tuple(x.shape[:axis]) + tuple(idx.shape) + tuple(x.shape[axis + 1 :]))]
 
 
+@register("GatherND")
+def gather_nd(inputs, attrs, opset):
+    """indices[..., :k] address data's first k dims after ``batch_dims`` shared leading dims."""
+    x, idx = inputs[0], inputs[1].long()
+    b = int(attrs.get("batch_dims", 0))
+    lead = tuple(x.shape[:b])
+    nb = int(np.prod(lead)) if b else 1
+    xs = x.reshape((nb,) + tuple(x.shape[b:]))
+    ids = idx.reshape((nb,) + tuple(idx.shape[b:]))
+    k = ids.shape[-1]
+    ids = torch.where(ids < 0, ids + torch.tensor(xs.shape[1:1 + k], device=ids.device), ids)
+    outs = [xs[i][tuple(ids[i][..., j] for j in range(k))] for i in range(nb)]
+    out = torch.stack(outs)
+    return [out.reshape(lead + tuple(out.shape[1:])) if b else out[0]]
+
+
 @register("GatherElements")
 def gather_elements(inputs, attrs, opset):
     x, idx = inputs[0], inputs[1].long()

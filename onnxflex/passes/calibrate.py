@@ -135,11 +135,12 @@ def calibrate_points(model: onnx.ModelProto, points: dict[str, ActPoint], batche
 
 
 def resolve_calib_method(method: str, attention: bool) -> str:
-    """The starting range for auto (the reconstruct pass then keeps, per point, whichever of
-    minmax / percentile / mse gives the least region output error): the full range in attention
-    models, whose outlier channels and tokens carry meaning (MiniLM W8A8 RTN embedding cosine, 64
-    texts, one method for all points: minmax 0.984, mse 0.980, percentile 0.916); the 99.99th
-    percentile elsewhere (EfficientNet-Lite0: bench/rtn_vs_ort.py)."""
+    """What auto means. In attention models: start from the full range, then the reconstruct pass
+    keeps, per point, whichever candidate range (minmax, mse, percentiles, fractions of the max)
+    gives the least region output error; one method for all points is not enough there (MiniLM
+    W8A8 RTN embedding cosine on 64 Lee documents: minmax 0.984, mse 0.980, percentile 0.916, chosen
+    per point 0.989). Elsewhere the 99.99th percentile (EfficientNet-Lite0: bench/rtn_vs_ort.py;
+    the per-point choice is not measured on CNNs yet)."""
     if method != "auto":
         return method
     return "minmax" if attention else "percentile"
@@ -158,5 +159,5 @@ class CalibratePass:
         ctx.act_points = find_act_points(graph, ctx.quantize_nodes, cfg.quantize_act_matmul, residual)
         calibrate_points(graph.model, ctx.act_points, ctx.calibration.batches(cfg.batch_size), cfg.act_bits,
                          resolve_calib_method(cfg.calib_method, attention), cfg.percentile, cfg.seed,
-                         token_mask=ctx.calibration.token_mask, candidates=cfg.calib_method == "auto")
+                         token_mask=ctx.calibration.token_mask, candidates=cfg.calib_method == "auto" and attention)
         return graph

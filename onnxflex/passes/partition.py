@@ -31,7 +31,8 @@ class Region:
 
     @property
     def name(self) -> str:
-        first = self.nodes[0].name if self.nodes else "?"
+        """r007:<first quantized op> (the first node may be a recomputed shape op shared by all)."""
+        first = self.weights[0].node if self.weights else (self.nodes[0].name if self.nodes else "?")
         return f"r{self.index:03d}:{first}"
 
     def describe(self) -> str:

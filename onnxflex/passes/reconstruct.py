@@ -25,6 +25,7 @@ from ..lift.region import RegionModule
 from ..quantizers import make_weight_quantizer
 from ..quantizers.activation import ActQuantizer
 from ..quantizers import gram as gram_mod
+from ..runtime.session import target_providers
 from ..store import TensorStore
 from .partition import Region
 
@@ -223,6 +224,11 @@ class ReconstructPass:
         cfg = ctx.config
         device = torch.device(ctx.device)
         torch.manual_seed(cfg.seed)
+        tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+        if device.type == "cuda":
+            # TF32 rounds conv/matmul inputs to 10 mantissa bits; that alone flips rounding decisions
+            # against a CPU run, so it is opt-in (--tf32) rather than torch's cuDNN default
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
         budget = cfg.max_memory * (1 << 30) / 2
         n = ctx.calibration.num_samples
         n_hold = min(EVAL_SAMPLES, n // 8) if n >= 16 else 0
@@ -258,6 +264,7 @@ class ReconstructPass:
             bar.close()
             streams.fp.close()
             streams.q.close()
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
         for t, m in act_modules.items():
             ctx.act_points[t].scale = float(m.scale())
         return graph
@@ -316,7 +323,8 @@ class ReconstructPass:
         in_dtypes = {t: streams.fp[t].dtype for t in region.inputs}
         lin_outputs = [graph.node_by_name[w.node].output[0] for w in region.weights]
         extra = [o for o in lin_outputs if o not in region.outputs]
-        sess = make_session(region_model(graph, region, region.outputs + extra, in_dtypes))
+        sess = make_session(region_model(graph, region, region.outputs + extra, in_dtypes),
+                            target_providers(ctx.device))
         y_fp_all = ort_outputs(sess, streams.fp, region.inputs, region.outputs + extra, n, ebatch)
         y_fp = {o: y_fp_all[o] for o in region.outputs}
 

@@ -185,6 +185,14 @@ def _session_options(threads: int | None, optimization: str) -> ort.SessionOptio
     return so
 
 
+def target_providers(device: str) -> tuple:
+    """Providers for FP32 region targets: CUDA when reconstruction runs on the GPU and the installed
+    onnxruntime offers it (onnxruntime-gpu), the CPU otherwise."""
+    if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        return ("cuda", "cpu")
+    return ("cpu",)
+
+
 def make_session(
     model: str | Path | onnx.ModelProto | bytes,
     providers: Sequence[str] | str | None = ("cpu",),

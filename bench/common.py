@@ -1,0 +1,51 @@
+"""What the benchmark scripts share: row specs, one `onnxflex quantize` process per row, and the
+results files (a markdown table that says what was measured and how, plus the raw rows as JSON)."""
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+
+def parse_row(row: str):
+    """"flexround:w4a8" -> ("flexround", 4, 8)."""
+    method, bits = row.strip().split(":")
+    w, a = bits.lower().lstrip("w").split("a")
+    return method, int(w), int(a)
+
+
+def run_quantize(args: list, report: Path, label: str):
+    """Run `onnxflex quantize ARGS --report REPORT -q` as its own process, so its wall time and peak
+    memory are its own. Returns (summary from the report, wall seconds), or None when it failed."""
+    cmd = [sys.executable, "-m", "onnxflex.cli", "quantize", *map(str, args), "--report", str(report), "-q"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        print(f"{label}: FAILED\n{proc.stderr[-3000:]}", flush=True)
+        return None
+    return json.loads(report.read_text())["summary"], wall
+
+
+def machine() -> str:
+    cores = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
+    return f"{platform.machine()}, {cores} cores"
+
+
+def fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def save_results(name: str, head: str, table: list, args, rows: list) -> None:
+    """Print the table and write bench/results/NAME.md (+ NAME.json with the rows)."""
+    text = head + "\n".join(table) + "\n"
+    print("\n" + text)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.md").write_text(text)
+    (RESULTS / f"{name}.json").write_text(json.dumps(dict(args=vars(args), rows=rows), indent=2))
