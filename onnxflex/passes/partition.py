@@ -12,7 +12,7 @@ from typing import Optional
 import numpy as np
 import onnx
 
-from ..graph import Graph, WeightSpec
+from ..graph import Graph
 from ..lift.ops import is_supported
 
 SIDE_RATIO = 0.01  # a live tensor this much smaller than the largest one is a side input (a scalar)
