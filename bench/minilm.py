@@ -56,12 +56,7 @@ def embed(model: Path, texts_file: Path, tokenizer: str, out_name: str | None = 
     cs = load_text_calibration(texts_file, specs, tokenizer, max_length=EVAL_MAX_LENGTH)
     names = [o.name for o in sess.get_outputs() if o.type == "tensor(float)"]
     name = out_name or names[0]
-    outs = []
-    for i in range(0, cs.num_samples, batch):
-        chunk = cs.samples[i:i + batch]
-        feed = {k: np.concatenate([s[k] for s in chunk]) for k in cs.input_names}
-        outs.append(sess.run([name], feed)[0])
-    return np.concatenate(outs)
+    return np.concatenate([sess.run([name], feed)[0] for feed in cs.batches(batch)])
 
 
 def unit(e: np.ndarray) -> np.ndarray:

@@ -366,17 +366,18 @@ class ReconstructPass:
         # RTN vs learned errors are compared on held-out calibration samples that training never
         # sees, so a region that overfits the calibration set keeps its RTN weights
         held = range(streams.n_train, n) if streams.n_train < n else range(0, min(n, EVAL_SAMPLES))
+        rtn_module = build(rtn_q)  # reads the shared activation quantizers, so one module serves every candidate
         own = {t: m for t, m in act_quant.items() if act_owner.get(t) == region.index and ctx.act_points[t].candidates}
+        sel = range(0, min(streams.n_train, RANGE_SAMPLES))
         for t, m in own.items():  # greedy, in graph order: each range given the ones chosen before it
-            sel = range(0, min(streams.n_train, RANGE_SAMPLES))
             errs = {}
             for method, scale in ctx.act_points[t].candidates.items():
                 m.step.data.fill_(scale)
-                errs[method] = region_mse(build(rtn_q), streams.q, region.inputs, y_fp, sel, ebatch, device, streams.mask)
+                errs[method] = region_mse(rtn_module, streams.q, region.inputs, y_fp, sel, ebatch, device, streams.mask)
             best = min(errs, key=errs.get)
             m.step.data.fill_(ctx.act_points[t].candidates[best])
             rep.act_ranges[t] = best
-        rep.rtn_mse = region_mse(build(rtn_q), streams.q, region.inputs, y_fp, held, ebatch, device, streams.mask)
+        rep.rtn_mse = region_mse(rtn_module, streams.q, region.inputs, y_fp, held, ebatch, device, streams.mask)
         chosen, rep.status = rtn_q, "rtn"
         if cfg.method != "rtn" and cfg.iters > 0 and not any(determined):
             rep.status = "rtn: too few calibration rows to learn"
