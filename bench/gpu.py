@@ -51,7 +51,8 @@ def table(args):
                              slowest_s=round(max(x["seconds"] for x in r["regions"]), 1),
                              gpu_peak_mb=s.get("gpu_peak_mb"), rss_mb=s["peak_rss_mb"],
                              top1=round(ev.top1 * 100, 2), agree=round(ev.agreement * 100, 1)))
-    lines = ["| run | device | preset | regions | bits | total s | regions s | slowest region (s) | GPU peak MB | RSS MB | top-1 % | agree % |",
+    lines = ["| run | device | preset | regions | bits | total s | regions s | slowest region (s) | GPU peak MB | RSS MB "
+             "| top-1 % | agree % |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['name']} | {r['device']} | {r['preset']} | {r['regions']} | {r['bits']} | {r['seconds']} | "
@@ -61,7 +62,8 @@ def table(args):
     print(text)
     res = ROOT / "bench" / "results"
     res.mkdir(parents=True, exist_ok=True)
-    (res / f"gpu_{args.tag}.md").write_text(f"# CUDA vs CPU reconstruction\n\nreproduce: `python bench/gpu.py {' '.join(sys.argv[1:])}`\n\n" + text)
+    (res / f"gpu_{args.tag}.md").write_text(
+        f"# CUDA vs CPU reconstruction\n\nreproduce: `python bench/gpu.py {' '.join(sys.argv[1:])}`\n\n" + text)
 
 
 def main():

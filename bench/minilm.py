@@ -23,8 +23,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import fmt, machine, parse_row, run_quantize, save_results  # noqa: E402
 from models import minilm  # noqa: E402
+from onnxflex.calib import load_calibration  # noqa: E402
 from onnxflex.runtime.session import make_session  # noqa: E402
-from onnxflex.text import load_text_calibration  # noqa: E402
 
 DEFAULT_ROWS = ("rtn:w8a8,adaround:w8a8,flexround:w8a8,rtn:w4a8,adaround:w4a8,flexround:w4a8,"
                 "rtn:w4a16,adaround:w4a16,flexround:w4a16")
@@ -53,7 +53,7 @@ def embed(model: Path, texts_file: Path, tokenizer: str, out_name: str | None = 
     """Embeddings of every text (tokenized per batch of the file's texts, padded to the longest)."""
     sess = make_session(str(model), optimization="disable")
     specs = {i.name: ([None, None], np.int64) for i in sess.get_inputs()}
-    cs = load_text_calibration(texts_file, specs, tokenizer, max_length=EVAL_MAX_LENGTH)
+    cs = load_calibration(texts_file, specs, size=None, tokenizer=tokenizer, max_length=EVAL_MAX_LENGTH)
     names = [o.name for o in sess.get_outputs() if o.type == "tensor(float)"]
     name = out_name or names[0]
     return np.concatenate([sess.run([name], feed)[0] for feed in cs.batches(batch)])

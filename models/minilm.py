@@ -71,7 +71,6 @@ def tokenize(texts: list[str], max_length: int = MAX_SEQ_LEN) -> dict:
 
 
 def _sentence_embedder_cls():
-    import torch
     import torch.nn as nn
 
     class SentenceEmbedder(nn.Module):

@@ -11,8 +11,10 @@ import sys
 
 import click
 
-from .config import CALIB_METHODS, METHODS, PRESETS, QuantConfig, REGION_MODES, TARGETS
-from .errors import OnnxflexError
+from .config import CALIB_METHODS, PRESETS, QuantConfig, REGION_MODES
+from .methods import METHOD_NAMES as METHODS
+from .targets import TARGETS
+from .errors import InternalError, OnnxflexError
 
 
 def _floats3(ctx, param, value):
@@ -66,6 +68,10 @@ def user_errors(f):
         except OnnxflexError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except InternalError as e:  # an onnxflex bug: one line, the cause only with -v
+            logging.getLogger("onnxflex").debug("internal error", exc_info=True)
+            click.echo(str(e), err=True)
+            sys.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted; no output written", err=True)
             sys.exit(130)
@@ -117,7 +123,8 @@ def main(verbose):
 @click.option("--max-memory", type=float, default=4.0, show_default=True,
               help="GiB of calibration activations kept in RAM before spilling to disk")
 @click.option("--target", type=click.Choice(TARGETS), default="tensorrt", show_default=True,
-              help="deployment rules the output is checked against")
+              help="runtime the output is for: tensorrt = symmetric int8 Q/DQ on weighted-op inputs; ort-cpu = "
+                   "Q/DQ around every quantized op so onnxruntime's CPU int8 kernels run")
 @click.option("--report", type=click.Path(), default=None, help="report JSON path (default: beside the output)")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-q", "--quiet", is_flag=True, help="no progress bars")
@@ -132,7 +139,8 @@ def quantize(model, calib, output, method, weight_bits, act_bits, granularity, r
     cfg = QuantConfig(method=method, weight_bits=int(weight_bits), act_bits=int(act_bits), granularity=granularity,
                       regions=regions, preset=preset, iters=iters, batch_size=batch_size, lr=lr, act_lr=act_lr, drop_prob=drop_prob,
                       calib_size=calib_size, augment=augment, calib_method=calib_method, first_last_bits=first_last_bits or None,
-                      exclude=list(exclude), quantize_act_matmul=quantize_attention, device=device, tf32=tf32, seed=seed, max_memory=max_memory, target=target,
+                      exclude=list(exclude), quantize_act_matmul=quantize_attention, device=device, tf32=tf32, seed=seed,
+                      max_memory=max_memory, target=target,
                       progress=not quiet)
     source = calib[0] if len(calib) == 1 else list(calib)
     result = run_quantize(model, output, source, cfg, preprocess=_preprocess(preprocess, size, resize, mean, std),
@@ -170,12 +178,14 @@ def eval_cmd(model, data, labels, ref, batch_size, limit, output_name, as_json, 
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--regions", type=click.Choice(REGION_MODES), default="auto", show_default=True)
+@click.option("--method", type=click.Choice(METHODS), default="flexround", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @user_errors
-def inspect(model, regions):
-    """List the quantizable ops with their weight shapes, and the reconstruction regions."""
+def inspect(model, regions, method, device):
+    """List the quantizable ops with their weight shapes, and the regions `quantize` would use."""
     from .inspect import inspect_model
 
-    click.echo(inspect_model(model, regions))
+    click.echo(inspect_model(model, regions, method, device))
 
 
 @main.command()

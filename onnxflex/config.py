@@ -6,11 +6,11 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from .errors import OnnxflexError
+from .methods import get_method
+from .targets import get_target
 
-METHODS = ("flexround", "adaround", "rtn")
 REGION_MODES = ("auto", "layer", "block")
 CALIB_METHODS = ("auto", "percentile", "mse", "minmax")
-TARGETS = ("tensorrt", "ort-cpu")
 
 # iterations per region, mini-batch size, FlexRound lr, AdaRound lr, activation-step (LSQ) lr
 PRESETS = {
@@ -49,13 +49,13 @@ class QuantConfig:
     tf32: bool = False  # CUDA: allow TF32 convolutions/matmuls (faster; results drift further from a CPU run)
     seed: int = 0
     max_memory: float = 4.0  # GiB of live calibration tensors held in RAM before spilling to disk
-    target: str = "tensorrt"  # tensorrt | ort-cpu (rule check on the output)
+    target: str = "tensorrt"  # tensorrt | ort-cpu: where activation Q/DQ go, their type, the rule check
     progress: bool = True
 
     def resolved(self) -> "QuantConfig":
         """Return a validated copy with preset values filled in."""
-        if self.method not in METHODS:
-            raise OnnxflexError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        method = get_method(self.method)
+        get_target(self.target)
         if self.preset not in PRESETS:
             raise OnnxflexError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         if self.regions not in REGION_MODES:
@@ -68,8 +68,6 @@ class QuantConfig:
             raise OnnxflexError(f"--weight-bits {self.weight_bits} is not supported; use 8, 4, 3 or 2")
         if self.act_bits not in (0, 8, 16):
             raise OnnxflexError(f"--act-bits {self.act_bits} is not supported; use 8, 16 or 0 (weight-only)")
-        if self.target not in TARGETS:
-            raise OnnxflexError(f"unknown target {self.target!r}; choose one of {', '.join(TARGETS)}")
         if self.calib_size < 1:
             raise OnnxflexError("--calib-size must be at least 1")
         cfg = dataclasses.replace(self)
@@ -78,13 +76,13 @@ class QuantConfig:
             cfg.iters = p["iters"]
         if cfg.batch_size is None:
             cfg.batch_size = p["batch_size"]
-        if cfg.lr is None:
-            cfg.lr = p["adaround_lr"] if cfg.method == "adaround" else p["lr"]
+        if cfg.lr is None and method.lr is not None:
+            cfg.lr = method.lr(p)
         if cfg.act_lr is None:
             cfg.act_lr = p["act_lr"]
         if cfg.drop_prob is None:
             cfg.drop_prob = 0.5 if cfg.act_bits > 0 else 0.0
-        if cfg.method == "rtn":
+        if method.fit != "adam":  # nothing to iterate: RTN, or a closed-form solve
             cfg.iters = 0
         if not 0.0 <= cfg.drop_prob <= 1.0:
             raise OnnxflexError("--drop-prob must be between 0 and 1")

@@ -16,6 +16,7 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import OnnxflexError
+from .onnx_facts import MAX_IR_VERSION, default_opset, fits_in_protobuf
 
 WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
 # Element-wise ops that may follow a weighted op inside one layer region.
@@ -23,7 +24,6 @@ ELEMENTWISE_OPS = {
     "Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "LeakyRelu", "Gelu", "Erf",
     "Add", "Sub", "Mul", "Div", "Identity", "Dropout",
 }
-ORT_IR_VERSION = 10  # onnxruntime 1.31 refuses IR 14, which onnx >= 1.20 writes by default
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class Graph:
                     self.consumers.setdefault(i, []).append(n)
         self.input_names = [i.name for i in g.input if i.name not in self.initializers]
         self.output_names = [o.name for o in g.output]
-        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+        self.opset = default_opset(model)
         self._arrays: dict[str, np.ndarray] = {}
         self.elem_types = {}
         for vi in list(g.input) + list(g.output) + list(g.value_info):
@@ -108,6 +108,20 @@ class Graph:
         return [s for s in (self.weight_spec(n) for n in self.nodes) if s is not None]
 
 
+def model_input_specs(model: onnx.ModelProto) -> dict:
+    """name -> (shape with ints or dim names, numpy dtype) for the non-initializer graph inputs."""
+    inits = {t.name for t in model.graph.initializer}
+    specs = {}
+    for i in model.graph.input:
+        if i.name in inits:
+            continue
+        tt = i.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or None)
+                for d in tt.shape.dim]
+        specs[i.name] = (dims, onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
+    return specs
+
+
 def with_float_outputs(model: onnx.ModelProto, names) -> onnx.ModelProto:
     """A copy of ``model`` that also outputs these intermediate float tensors (to capture them in ORT)."""
     m = onnx.ModelProto()
@@ -118,10 +132,6 @@ def with_float_outputs(model: onnx.ModelProto, names) -> onnx.ModelProto:
             m.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
             have.add(t)
     return m
-
-
-def default_opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
 
 
 def check_output_path(output: Path) -> None:
@@ -143,8 +153,8 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     path = Path(path)
     check_output_path(path)
     parent = path.parent
-    model.ir_version = min(model.ir_version or ORT_IR_VERSION, ORT_IR_VERSION)
-    large = model.ByteSize() > 1_800_000_000 if _safe_size(model) else True
+    model.ir_version = min(model.ir_version or MAX_IR_VERSION, MAX_IR_VERSION)
+    large = not fits_in_protobuf(model)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
     os.close(fd)
     try:
@@ -164,10 +174,3 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
         raise
     return path
 
-
-def _safe_size(model: onnx.ModelProto) -> bool:
-    try:
-        model.ByteSize()
-        return True
-    except Exception:  # protobuf refuses > 2 GB
-        return False

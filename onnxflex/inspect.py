@@ -1,39 +1,35 @@
-"""``onnxflex inspect``: what would be quantized, and how the graph splits into regions."""
+"""``onnxflex inspect``: what would be quantized, and how the graph splits into regions.
+
+It runs the same passes as ``quantize`` up to the partition, so the regions shown are the regions a
+run with the same --regions, --method and --device would reconstruct.
+"""
 from __future__ import annotations
 
-import numpy as np
-
-from .graph import Graph
+from .config import QuantConfig
 
 
-def _random_feed(specs: dict) -> dict | None:
-    """One sample per input when every non-batch dimension is static (needed to size live sets)."""
-    feed = {}
-    for name, (dims, dtype) in specs.items():
-        shape = [1] + [d if isinstance(d, int) else None for d in dims[1:]]
-        if any(d is None for d in shape):
-            return None
-        feed[name] = (np.zeros(shape, dtype) if np.issubdtype(dtype, np.integer)
-                      else np.random.default_rng(0).standard_normal(shape).astype(dtype))
-    return feed
-
-
-def inspect_model(model, regions: str = "auto") -> str:
-    from .api import capture_shapes, model_input_specs
-    from .passes.partition import partition, tensor_sizes
+def inspect_model(model, regions: str = "auto", method: str = "flexround", device: str = "auto") -> str:
+    from .api import resolve_device
+    from .context import Context
+    from .graph import Graph
+    from .methods import get_method
+    from .passes.analyze import AnalyzePass
+    from .passes.base import Sequential
+    from .passes.partition import PartitionPass
     from .passes.prepare import PreparePass, load_model
+    from .passes.select import SelectPass
+    from .targets import get_target
 
-    fp = PreparePass().run(load_model(model))
-    graph = Graph(fp)
+    cfg = QuantConfig(regions=regions, method=method, device=device).resolved()
+    ctx = Context(cfg, get_target(cfg.target), get_method(cfg.method), device=resolve_device(cfg.device))
+    graph = Sequential(PreparePass(), AnalyzePass(), SelectPass(), PartitionPass()).run(Graph(load_model(model)), ctx)
     specs = graph.weighted_nodes()
-    lines = [f"{len(specs)} quantizable ops (opset {graph.opset})", f"{'node':<48} {'op':<7} {'weight shape':<20} out_axis"]
+    lines = [f"{len(specs)} quantizable ops (opset {graph.opset})",
+             f"{'node':<48} {'op':<7} {'weight shape':<20} out_axis"]
     for s in specs:
         lines.append(f"{s.node[:48]:<48} {s.op_type:<7} {str(list(graph.initializers[s.weight].dims)):<20} {s.out_axis}")
-    feed = _random_feed(model_input_specs(fp))
-    sizes = tensor_sizes(capture_shapes(fp, feed)) if feed else None
-    regs = partition(graph, "block" if regions == "auto" else regions, sizes=sizes)
     lines.append("")
-    lines.append(f"{len(regs)} regions ({regions})")
-    for r in regs:
+    lines.append(f"{len(ctx.regions)} regions ({regions} -> {ctx.region_mode}, method {method}, device {ctx.device})")
+    for r in ctx.regions:
         lines.append("  " + r.describe() + (f"  (FP32: no torch lifting for {', '.join(r.unsupported)})" if r.unsupported else ""))
     return "\n".join(lines)

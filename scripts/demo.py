@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 from models.efficientnet_lite import build_efficientnet_lite0  # noqa: E402
 from onnxflex import QuantConfig, quantize  # noqa: E402
 from onnxflex.calib import make_preprocess, synthetic_image_calibration  # noqa: E402
-from onnxflex.runtime.metrics import sqnr_db, top1_agreement, topk_accuracy  # noqa: E402
+from onnxflex.runtime.metrics import sqnr_db, top1_agreement  # noqa: E402
 from onnxflex.runtime.session import make_session  # noqa: E402
 
 SHARED_VAL = ROOT.parent / "shared" / "data" / "imagenet-sample" / "val"

@@ -40,7 +40,7 @@ def _folder(tmp_path: Path, n=3, size=10, name="imgs") -> Path:
     d = tmp_path / name
     d.mkdir()
     for i in range(n):
-        Image.fromarray(_rgb(size, size, i)).save(d / f"img{i}.png")
+        _save(d / f"img{i}.png", _rgb(size, size, i))
     return d
 
 
@@ -212,6 +212,19 @@ def test_folder_needs_single_square_image_input(tmp_path):
         resolve_image_input({"x": ([1, 3, 8, 12], np.float32)})
     with pytest.raises(OnnxflexError, match="--size 8"):
         resolve_image_input({"x": ([1, 3, 8, 8], np.float32)}, make_preprocess(size=7))
+
+
+def test_augment_adds_seeded_crop_views_after_each_image(tmp_path):
+    d = _folder(tmp_path, n=3, size=20)
+    plain = load_calibration(d, IMG_SPEC, size=2)
+    a = load_calibration(d, IMG_SPEC, size=2, augment=2, seed=1)
+    b = load_calibration(d, IMG_SPEC, size=2, augment=2, seed=1)
+    c = load_calibration(d, IMG_SPEC, size=2, augment=2, seed=2)
+    x = a.stacked()["images"]
+    assert x.shape == (6, 3, 8, 8) and [p.name for p in a.files] == ["img0.png", "img1.png"]
+    np.testing.assert_array_equal(x[[0, 3]], plain.stacked()["images"])  # center crop first, then its views
+    np.testing.assert_array_equal(x, b.stacked()["images"])
+    assert not np.array_equal(x, c.stacked()["images"])
 
 
 # ---------------------------------------------------------------- array sources

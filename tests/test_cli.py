@@ -153,3 +153,59 @@ def test_eval_and_check(tiny_cnn, images, tmp_path):
     assert data["agreement"] is not None and 0 <= data["agreement"] <= 1
     ok = _invoke(["check", str(out)])
     assert ok.exit_code == 0 and "no tensorrt rule violations" in ok.output
+
+
+def test_a_bug_in_a_pass_is_one_internal_error_line_naming_the_pass(tiny_cnn, images, tmp_path, monkeypatch):
+    from onnxflex.passes.calibrate import CalibratePass
+
+    def broken(self, graph, ctx):
+        raise IndexError("list index out of range")
+
+    monkeypatch.setattr(CalibratePass, "run", broken)
+    out = tmp_path / "q.onnx"
+    res = _invoke(["quantize", str(tiny_cnn), "--calib", str(images), "-o", str(out), "--method", "rtn",
+                   "--size", "16", "-q"])
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output
+    last = res.output.strip().splitlines()[-1]
+    assert last.startswith("internal error in the calibrate pass: IndexError") and "report" in last
+    assert not out.exists()
+
+
+def test_ort_cpu_target_quantizes_op_outputs_with_uint8(tiny_cnn, images, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    out = tmp_path / "q.onnx"
+    res = _invoke(["quantize", str(tiny_cnn), "--calib", str(images), "-o", str(out), "--method", "rtn",
+                   "--size", "16", "--target", "ort-cpu", "-q"])
+    assert res.exit_code == 0, res.output
+    m = onnx.load(str(out))
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    act_q = [n for n in m.graph.node if n.op_type == "QuantizeLinear"]
+    assert act_q and all(inits[n.input[2]].dtype == np.uint8 for n in act_q)
+    report = json.loads(out.with_suffix(".report.json").read_text())["summary"]
+    assert report["target"] == "ort-cpu" and report["rule_violations"] == 0
+    # every Conv reads a DQ and (unless it writes the graph output) its output, after its ReLU, is quantized
+    producers = {o: n for n in m.graph.node for o in n.output}
+    readers = {}
+    for n in m.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    for conv in (n for n in m.graph.node if n.op_type == "Conv"):
+        assert producers[conv.input[0]].op_type == "DequantizeLinear"
+        t = conv.output[0]
+        while len(readers.get(t, [])) == 1 and readers[t][0].op_type in ("Relu", "Clip"):
+            t = readers[t][0].output[0]
+        assert {r.op_type for r in readers[t]} == {"QuantizeLinear"}, conv.name
+
+
+def test_inspect_shows_the_regions_quantize_uses(tiny_cnn, images, tmp_path):
+    out = tmp_path / "q.onnx"
+    res = _invoke(["quantize", str(tiny_cnn), "--calib", str(images), "-o", str(out), "--method", "rtn",
+                   "--size", "16", "--device", "cpu", "-q"])
+    assert res.exit_code == 0, res.output
+    regions = json.loads(out.with_suffix(".report.json").read_text())["summary"]["regions"]
+    shown = _invoke(["inspect", str(tiny_cnn), "--device", "cpu"])
+    assert shown.exit_code == 0, shown.output
+    assert f"{regions} regions (auto -> layer" in shown.output

@@ -6,7 +6,6 @@ import json
 import numpy as np
 import onnx
 import pytest
-import torch
 from onnx import numpy_helper
 
 from onnxflex import QuantConfig, quantize
@@ -59,7 +58,7 @@ def test_rtn_integers_match_numpy_reference(tiny_cnn, tiny_calib, tmp_path):
     quantize(str(tiny_cnn), out, [{"input": tiny_calib}], _cfg(method="rtn", act_bits=0))
     from onnxflex.passes.prepare import PreparePass, load_model
 
-    fp = _inits(PreparePass().run(load_model(str(tiny_cnn))))
+    fp = _inits(PreparePass().prepare(load_model(str(tiny_cnn))))
     m = onnx.load(str(out))
     inits = _inits(m)
     checked = 0

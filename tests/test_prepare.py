@@ -168,7 +168,7 @@ def test_dynamo_export_with_external_data_loads_and_prepares(exports):
     assert os.path.exists(str(path) + ".data")
     model = load_model(path)
     assert "BatchNormalization" in _ops(model)
-    out = PreparePass().run(model)
+    out = PreparePass().prepare(model)
     assert "BatchNormalization" not in _ops(out)
     assert {n.domain for n in out.graph.node} == {""}
     assert out.ir_version <= 10
@@ -178,7 +178,7 @@ def test_dynamo_export_with_external_data_loads_and_prepares(exports):
 
 def test_dynamo_transformer_layer_prepares(exports):
     model = load_model(exports["tl"])
-    out = PreparePass().run(model)
+    out = PreparePass().prepare(model)
     ops = _ops(out)
     assert {n.domain for n in out.graph.node} == {""}
     assert "Constant" not in ops and "Identity" not in ops
@@ -192,7 +192,7 @@ def test_dynamo_transformer_layer_prepares(exports):
 
 
 def test_path_argument_accepted(exports):
-    out = PreparePass().run(str(exports["cbr"]))
+    out = PreparePass().prepare(str(exports["cbr"]))
     assert "BatchNormalization" not in _ops(out)
 
 
@@ -254,9 +254,9 @@ def test_proto_with_unloaded_external_data(exports):
     with pytest.raises(OnnxflexError, match="base_dir"):
         load_model(raw)
     with pytest.raises(OnnxflexError, match="not loaded"):
-        PreparePass().run(raw)
+        PreparePass().prepare(raw)
     model = load_model(raw, base_dir=exports["cbr"].parent)
-    assert "BatchNormalization" not in _ops(PreparePass().run(model))
+    assert "BatchNormalization" not in _ops(PreparePass().prepare(model))
 
 
 # ----------------------------------------------------------------------------- PreparePass
@@ -271,7 +271,7 @@ def test_constant_nodes_become_initializers():
     ]
     m = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
                [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])])
-    out = PreparePass().run(m)
+    out = PreparePass().prepare(m)
     assert "Constant" not in _ops(out)
     mm = next(n for n in out.graph.node if n.op_type == "MatMul")
     assert mm.input[1] in {t.name for t in out.graph.initializer}
@@ -281,7 +281,7 @@ def test_constant_nodes_become_initializers():
 def test_bn_folded_identity_dropout_removed_and_input_untouched():
     m = _conv_bn_model()
     before = m.SerializeToString()
-    out = PreparePass().run(m)
+    out = PreparePass().prepare(m)
     assert m.SerializeToString() == before  # input not modified
     assert _ops(out) == ["Conv", "Relu", "Conv"]
     _assert_same(m, out, batch=3)
@@ -298,7 +298,7 @@ def test_bn_fold_fallback_with_shared_conv_weight():
                [helper.make_tensor_value_info("y1", TensorProto.FLOAT, None),
                 helper.make_tensor_value_info("y2", TensorProto.FLOAT, None)], inits)
     p = PreparePass()
-    out = p.run(m)
+    out = p.prepare(m)
     assert "BatchNormalization" not in _ops(out)
     assert p.stats["bn_fallback_folded"] == 2
     assert [o.name for o in out.graph.output] == ["y1", "y2"]
@@ -315,7 +315,7 @@ def test_nodes_named_uniquely():
     ]
     m = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
                [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
-    out = PreparePass().run(m)
+    out = PreparePass().prepare(m)
     names = [n.name for n in out.graph.node]
     assert len(names) == 5 and all(names) and len(set(names)) == 5
     assert "keep_me" in names
@@ -323,7 +323,7 @@ def test_nodes_named_uniquely():
 
 def test_opset11_upgraded():
     m = _conv_bn_model(opset=11)
-    out = PreparePass().run(m)
+    out = PreparePass().prepare(m)
     opset = next(o.version for o in out.opset_import if o.domain == "")
     assert opset >= 13
     assert out.ir_version <= 10
@@ -336,7 +336,7 @@ def test_old_opset_upsample_converted():
     m = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2, 2])],
                [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                [_init("sc", np.array([1, 1, 2, 2], np.float32))], opset=9, ir_version=4)
-    out = PreparePass().run(m)
+    out = PreparePass().prepare(m)
     assert next(o.version for o in out.opset_import if o.domain == "") >= 13
     assert _ops(out) == ["Resize"]
     _assert_same(m, out, batch=1)
@@ -348,7 +348,7 @@ def test_opset_conversion_failure_is_onnxflex_error(monkeypatch):
 
     monkeypatch.setattr(onnx.version_converter, "convert_version", boom)
     with pytest.raises(OnnxflexError, match=r"opset 11 to 13.*opset_version>=13") as err:
-        PreparePass().run(_conv_bn_model(opset=11))
+        PreparePass().prepare(_conv_bn_model(opset=11))
     assert "\n" not in str(err.value)
 
 
@@ -357,20 +357,20 @@ def test_initializers_listed_as_inputs_are_removed():
     m = _conv_bn_model()
     m.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
                          for t in m.graph.initializer)
-    out = PreparePass().run(m)
+    out = PreparePass().prepare(m)
     assert [i.name for i in out.graph.input] == ["x"]
     assert "BatchNormalization" not in _ops(out)
     assert static_input_shapes(out, 2) == {"x": [2, 3, 6, 6]}
 
 
 def test_dynamic_batch_preserved_and_fixed_batch_kept():
-    out = PreparePass().run(_conv_bn_model(batch="N"))
+    out = PreparePass().prepare(_conv_bn_model(batch="N"))
     dims = out.graph.input[0].type.tensor_type.shape.dim
     assert dims[0].dim_param == "N" and [d.dim_value for d in dims[1:]] == [3, 6, 6]
     out_dims = out.graph.output[0].type.tensor_type.shape.dim
     assert out_dims and not out_dims[0].HasField("dim_value")
     assert any(vi.name for vi in out.graph.value_info)  # shape inference kept value_info
-    fixed = PreparePass().run(_conv_bn_model(batch=1))
+    fixed = PreparePass().prepare(_conv_bn_model(batch=1))
     assert fixed.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
 
 
@@ -417,7 +417,7 @@ def test_torchscript_opset11_dynamic_axes_export(tmp_path):
                           dynamic_axes={"x": {0: "batch"}})
     model = load_model(path)
     assert "BatchNormalization" in _ops(model)
-    out = PreparePass().run(model)
+    out = PreparePass().prepare(model)
     assert next(o.version for o in out.opset_import if o.domain == "") >= 13
     assert "BatchNormalization" not in _ops(out) and "Constant" not in _ops(out)
     assert out.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"

@@ -1,13 +1,18 @@
-"""Weight quantizers (RTN, FlexRound, AdaRound) and activation fake quant: grids, invariants, learning."""
+"""Weight quantizers (RTN, FlexRound, AdaRound, GPTQ) and activation fake quant: grids, invariants, learning."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from onnxflex.errors import OnnxflexError
+from onnxflex.methods import METHODS as METHOD_REGISTRY, get_method
 from onnxflex.quantizers import (ActQuantizer, AdaRoundQuantizer, FlexRoundQuantizer, RTNQuantizer, act_qrange,
-                                 init_weight_scale, make_weight_quantizer, qdrop, quantize_weight, round_ste,
-                                 weight_qrange)
+                                 init_weight_scale, quantize_weight, round_ste, weight_qrange)
+
+
+def make_weight_quantizer(method, w, bits, out_axis, in_axis, **kwargs):
+    return get_method(method).make_quantizer(w, bits, out_axis, in_axis, **kwargs)
 
 # name: (shape, out_axis, in_axis)
 LAYOUTS = {
@@ -16,7 +21,7 @@ LAYOUTS = {
     "gemm_nk": ((10, 12), 0, 1),
     "matmul_kn": ((12, 10), 1, 0),
 }
-METHODS = ("rtn", "flexround", "adaround")
+METHODS = tuple(METHOD_REGISTRY)  # every registered method builds a quantizer with the same interface
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -145,8 +150,8 @@ def test_init_scale_argument_and_factory_errors():
     w = _weight((4, 6))
     q = make_weight_quantizer("rtn", w, 8, 0, 1, init_scale=torch.full((4,), 0.01))
     torch.testing.assert_close(q.scale(), torch.full((4,), 0.01))
-    with pytest.raises(ValueError):
-        make_weight_quantizer("gptq", w, 4, 0, 1)
+    with pytest.raises(OnnxflexError, match="unknown method 'nope'"):
+        make_weight_quantizer("nope", w, 4, 0, 1)
 
 
 def test_lp_init_beats_minmax_with_outliers():
@@ -275,11 +280,3 @@ def test_act_quantizer_disabled_fixed_and_int16():
     assert torch.equal(y.detach(), ref)
     with pytest.raises(ValueError):
         ActQuantizer(0.0, 8)
-
-
-def test_qdrop_mixes():
-    torch.manual_seed(0)
-    a, b = torch.zeros(10000), torch.ones(10000)
-    m = qdrop(a, b, 0.5)
-    assert 0.45 < (m == 0).float().mean().item() < 0.55
-    assert torch.equal(qdrop(a, b, 1.0), a) and torch.equal(qdrop(a, b, 0.0), b)

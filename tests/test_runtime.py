@@ -96,7 +96,7 @@ def test_make_session_from_proto_bytes_and_path(tmp_path):
 
 
 def test_large_proto_goes_through_temp_file(monkeypatch):
-    monkeypatch.setattr(S, "_PROTO_LIMIT", 0)  # pretend the proto is over 2 GB
+    monkeypatch.setattr(S, "fits_in_protobuf", lambda m: False)  # pretend the proto is over 2 GB
     s = S.make_session(_classifier())
     assert S.run_batched(s, [{"images": np.ones((1, 3, 8, 8), np.float32)}])["logits"].shape == (1, 6)
 

@@ -9,9 +9,8 @@ import pytest
 
 tokenizers = pytest.importorskip("tokenizers", reason="text calibration needs the tokenizers library")
 
-from onnxflex.calib import load_calibration  # noqa: E402
-from onnxflex.errors import OnnxflexError  # noqa: E402
-from onnxflex.text import (  # noqa: E402
+from onnxflex.calib import CalibrationSet, load_calibration  # noqa: E402
+from onnxflex.calib.text import (  # noqa: E402
     infer_token_mask,
     is_text_file,
     load_text_calibration,
@@ -19,6 +18,7 @@ from onnxflex.text import (  # noqa: E402
     read_texts,
     tokenize_feeds,
 )
+from onnxflex.errors import OnnxflexError  # noqa: E402
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "world", "the", "cat", "sat", "on", "mat",
          "a", "dog", "ran", ".", ",", "!", "##s", "big"]
@@ -240,6 +240,26 @@ def test_load_text_calibration_errors(tmp_path, tok_dir):
         load_text_calibration(path, BERT, tmp_path / "no_tokenizer")
     with pytest.raises(OnnxflexError, match="holds no text"):
         load_text_calibration(_write(tmp_path, [""], "empty.txt"), BERT, tok_dir)
+
+
+def test_load_calibration_routes_text_files_to_the_tokenizer(tmp_path, tok_dir):
+    path = _write(tmp_path, TEXTS)
+    cs = load_calibration(path, BERT, tokenizer=tok_dir, max_length=5, size=2)
+    ref = load_text_calibration(path, BERT, tok_dir, max_length=5, size=2)
+    for k in BERT:
+        np.testing.assert_array_equal(cs.stacked()[k], ref.stacked()[k])
+    np.testing.assert_array_equal(cs.token_mask, ref.token_mask)
+    with pytest.raises(OnnxflexError, match="text calibration needs --tokenizer DIR"):
+        load_calibration(str(path), BERT)
+
+
+def test_load_calibration_fills_the_token_mask_and_keeps_a_given_set():
+    mask = np.array([[1, 1, 0]], np.int64)
+    cs = load_calibration([{"input_ids": np.ones((1, 3), np.int64), "attention_mask": mask}],
+                          specs("input_ids", "attention_mask"))
+    np.testing.assert_array_equal(cs.token_mask, mask)
+    given = CalibrationSet(cs.samples, cs.input_names, "given")
+    assert load_calibration(given, {}) is given and given.token_mask is not None
 
 
 def test_infer_token_mask_from_dict_calibration():

@@ -8,13 +8,16 @@ import pytest
 import torch
 
 from models import minilm, paraphrase_minilm_l3
-from onnxflex.api import capture_shapes, model_input_specs, quantize
-from onnxflex.graph import Graph
-from onnxflex.passes.calibrate import find_act_points, resolve_calib_method
-from onnxflex.passes.partition import _data_dependent, _shape_only, auto_mode, has_attention, partition, tensor_sizes
+from onnxflex.api import quantize
+from onnxflex.calib import load_calibration
+from onnxflex.graph import Graph, model_input_specs
+from onnxflex.passes.calibrate import resolve_calib_method
+from onnxflex.passes.partition import _shape_only, auto_mode, capture_shapes, partition, tensor_sizes
 from onnxflex.passes.prepare import PreparePass, load_model
-from onnxflex.passes.reconstruct import ReconstructPass, region_model, token_weights
-from onnxflex.text import load_text_calibration
+from onnxflex.reconstruction.losses import data_loss, token_weights
+from onnxflex.reconstruction.streams import region_model
+from onnxflex.targets import PlacementOptions, tensorrt_points
+from onnxflex.traits import ModelTraits, data_dependent, has_attention
 
 transformers = pytest.importorskip("transformers", reason="the transformer tests build BERT with transformers")
 
@@ -67,7 +70,7 @@ def texts(tmp_path_factory):
 
 
 def _prepared(path):
-    fp = PreparePass().run(load_model(str(path)))
+    fp = PreparePass().prepare(load_model(str(path)))
     return fp, Graph(fp)
 
 
@@ -77,11 +80,11 @@ def _mask_derived(graph: Graph) -> set:
     for n in graph.nodes:
         if any(i in out for i in n.input):
             out.update(o for o in n.output if o)
-    return out - _data_dependent(graph)
+    return out - data_dependent(graph)
 
 
 def _sizes(fp, tokenizer_dir, texts):
-    cal = load_text_calibration(texts, model_input_specs(fp), str(tokenizer_dir), max_length=32, size=4)
+    cal = load_calibration(texts, model_input_specs(fp), tokenizer=str(tokenizer_dir), max_length=32, size=4)
     return tensor_sizes(capture_shapes(fp, next(cal.batches(1))))
 
 
@@ -113,9 +116,10 @@ def test_attention_picks_block_regions_and_full_range_activations(tiny_bert):
     assert auto_mode("cpu", True) == "block" and auto_mode("cpu", False) == "layer"
     assert resolve_calib_method("auto", True) == "minmax" and resolve_calib_method("auto", False) == "percentile"
     quant = {s.node for s in g.weighted_nodes()}
-    pts = find_act_points(g, quant, quantize_residual=False)
+    traits = ModelTraits.of(g)
+    pts = tensorrt_points(g, traits, quant, PlacementOptions(quantize_residual=False))
     assert {g.node_by_name[c].op_type for p in pts.values() for c in p.consumers} == {"MatMul"}
-    with_attn = find_act_points(g, quant, quantize_act_matmul=True, quantize_residual=False)
+    with_attn = tensorrt_points(g, traits, quant, PlacementOptions(quantize_act_matmul=True, quantize_residual=False))
     assert len(with_attn) > len(pts)  # scores/probabilities and context inputs join
 
 
@@ -123,10 +127,10 @@ def test_padded_positions_do_not_enter_the_loss():
     torch.manual_seed(0)
     pred, target = torch.randn(2, 5, 4), torch.randn(2, 5, 4)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.float32)
-    loss = ReconstructPass._data_loss(pred, target, False, mask)
+    loss = data_loss(pred, target, mask)
     changed = pred.clone()
     changed[0, 3:] += 100.0  # padding only
-    assert torch.allclose(ReconstructPass._data_loss(changed, target, False, mask), loss)
+    assert torch.allclose(data_loss(changed, target, mask), loss)
     expect = ((pred - target) ** 2)[mask.bool()].mean()
     assert torch.allclose(loss, expect)
     assert token_weights(mask, torch.randn(2, 4)) is None  # a pooled output has no token axis
@@ -194,7 +198,7 @@ def test_lifted_minilm_layer_equals_onnxruntime(exporter, real_minilm, tmp_path)
     if exporter == "dynamo":  # GatherND, other names, external data
         path = minilm.build_minilm(str(tmp_path / "minilm_dynamo.onnx"), exporter="dynamo")
     fp, g = _prepared(path)
-    cal = load_text_calibration(calib, model_input_specs(fp), minilm.tokenizer_dir(), max_length=32, size=4)
+    cal = load_calibration(calib, model_input_specs(fp), tokenizer=minilm.tokenizer_dir(), max_length=32, size=4)
     feed = cal.stacked()
     sizes = tensor_sizes(capture_shapes(fp, next(cal.batches(1))))
     regions = partition(g, "block", sizes=sizes)

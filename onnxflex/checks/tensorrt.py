@@ -21,6 +21,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from onnxflex.errors import OnnxflexError
+from onnxflex.onnx_facts import MAX_IR_VERSION, MAX_QDQ_OPSET, MIN_QDQ_OPSET, default_opset
 
 __all__ = ["Violation", "check_qdq_model", "format_violations", "RULES", "WARNINGS", "TARGETS"]
 
@@ -62,8 +63,6 @@ _ALLOWED = {
     "ort-cpu": {TensorProto.INT8, TensorProto.UINT8, TensorProto.INT16, TensorProto.UINT16,
                 TensorProto.INT4, TensorProto.UINT4},
 }
-_OPSET_RANGE = (13, 21)
-_MAX_IR = 10
 
 
 @dataclass
@@ -214,13 +213,13 @@ def check_qdq_model(model: onnx.ModelProto | str | os.PathLike,
         out.append(Violation(rule, node, message, "warning" if rule in WARNINGS else "error"))
 
     # ---- model level
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    lo, hi = _OPSET_RANGE
+    opset = default_opset(model)
+    lo, hi = MIN_QDQ_OPSET, MAX_QDQ_OPSET
     if not lo <= opset <= hi:
         add("opset", "<model>", f"default opset is {opset}; use {lo}..{hi} (TensorRT 10 parses "
             f"up to ~20, INT4 DequantizeLinear needs 21)")
-    if model.ir_version > _MAX_IR:
-        add("ir-version", "<model>", f"ir_version is {model.ir_version}; set it to {_MAX_IR} "
+    if model.ir_version > MAX_IR_VERSION:
+        add("ir-version", "<model>", f"ir_version is {model.ir_version}; set it to {MAX_IR_VERSION} "
             f"or lower (onnxruntime refuses newer)")
 
     labels = {id(n): _label(n, i) for i, n in enumerate(gr.nodes)}

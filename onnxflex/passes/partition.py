@@ -6,67 +6,19 @@ transformer layers with no per-architecture rules.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 import onnx
 
-from ..graph import Graph
+from ..context import Region
+from ..graph import Graph, model_input_specs, with_float_outputs
 from ..lift.ops import is_supported
+from ..traits import SHAPE_OPS, data_dependent
+from .base import Pass
 
 SIDE_RATIO = 0.01  # a live tensor this much smaller than the largest one is a side input (a scalar)
 MAX_PERIOD = 4  # longest repeating unit of spans looked for (attention + MLP = 2)
-
-
-@dataclass
-class Region:
-    index: int
-    kind: str  # layer | block | fp
-    nodes: list
-    inputs: list  # non-constant tensors read here and produced before the region
-    outputs: list  # tensors produced here and read after it (or graph outputs)
-    weights: list  # WeightSpec of the ops quantized in this region
-    unsupported: list = field(default_factory=list)  # op types with no torch lifting
-
-    @property
-    def name(self) -> str:
-        """r007:<first quantized op> (the first node may be a recomputed shape op shared by all)."""
-        first = self.weights[0].node if self.weights else (self.nodes[0].name if self.nodes else "?")
-        return f"r{self.index:03d}:{first}"
-
-    def describe(self) -> str:
-        ops = ",".join(w.op_type for w in self.weights) or "-"
-        return f"{self.name} [{self.kind}] {len(self.nodes)} nodes, weights: {ops}"
-
-
-def _weight_dependent(graph: Graph) -> set:
-    """Tensors downstream of a weighted op (used to tell residual Adds from mask Adds)."""
-    dep = set()
-    for n in graph.nodes:
-        if graph.weight_spec(n) is not None or any(i in dep for i in n.input):
-            dep.update(o for o in n.output if o)
-    return dep
-
-
-SHAPE_OPS = ("Shape", "Size")  # read only a tensor's shape: their outputs carry no activation data
-EMBEDDING_MIN_ELEMENTS = 1024  # a float initializer this large read by a node is a learned table (embeddings)
-
-
-def _data_dependent(graph: Graph) -> set:
-    """Tensors downstream of a weighted op or of a large float table (embedding lookups): the
-    activations. What is left are side tensors computed from the inputs alone (masks, positions)."""
-    def reads_table(n):
-        return any(i in graph.initializers and graph.initializers[i].data_type == onnx.TensorProto.FLOAT
-                   and int(np.prod(graph.initializers[i].dims)) >= EMBEDDING_MIN_ELEMENTS for i in n.input)
-
-    dep = set()
-    for n in graph.nodes:
-        if n.op_type in SHAPE_OPS:
-            continue
-        if graph.weight_spec(n) is not None or reads_table(n) or any(i in dep for i in n.input):
-            dep.update(o for o in n.output if o)
-    return dep
 
 
 def live_sets(graph: Graph) -> list[set]:
@@ -237,7 +189,7 @@ def partition(graph: Graph, mode: str = "auto", quantize: Optional[set] = None,
     if mode == "layer":
         cuts = [i - 1 for i in range(1, len(nodes)) if is_w[i] and any(is_w[:i])]
     else:
-        dep = _data_dependent(graph)
+        dep = data_dependent(graph)
         cuts = [i for i in range(len(nodes) - 1) if len(_main_tensors(live[i], sizes, int_tensors, dep)) <= 1]
     spans, start = [], 0
     for c in cuts:
@@ -284,25 +236,54 @@ def tensor_sizes(shapes: dict) -> dict:
     return {t: int(np.prod(s[1:])) if len(s) > 1 else 1 for t, s in shapes.items()}
 
 
-def has_attention(graph: Graph) -> bool:
-    """True when a MatMul multiplies two activations (attention scores or context)."""
-    return any(n.op_type == "MatMul" and graph.weight_spec(n) is None
-               and not any(graph.is_constant(i) for i in n.input[:2]) for n in graph.nodes)
-
-
-def auto_mode(device: str, attention: bool = False) -> str:
-    """auto: blocks where forward/backward passes are affordable (a GPU) or needed (attention:
-    query and key weights act together through the softmax, so each layer is fitted as a whole);
-    else single-op regions, whose exact Gram-form loss makes an iteration independent of the
-    activation size (a CNN on the CPU)."""
+def auto_mode(device: str, attention: bool = False, method_mode: Optional[str] = None) -> str:
+    """auto: what the method needs (GPTQ solves one op at a time: layer); else blocks where
+    forward/backward passes are affordable (a GPU) or needed (attention: query and key weights act
+    together through the softmax, so each layer is fitted as a whole); else single-op regions, whose
+    exact Gram-form loss makes an iteration independent of the activation size (a CNN on the CPU)."""
+    if method_mode:
+        return method_mode
     return "block" if device == "cuda" or attention else "layer"
 
 
-class PartitionPass:
-    """Graph -> regions, stored on the context for the reconstruct pass."""
+def capture_shapes(model: onnx.ModelProto, feed: dict) -> dict:
+    """Shapes of every float tensor for one sample (sizes the regions' live sets)."""
+    from ..runtime.session import make_session
+
+    g = Graph(model)
+    names = [o for n in g.nodes for o in n.output
+             if o and g.elem_types.get(o, onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT]
+    sess = make_session(with_float_outputs(model, names))
+    outs = [o.name for o in sess.get_outputs()]
+    return {n: v.shape for n, v in zip(outs, sess.run(outs, feed))}
+
+
+def random_feed(specs: dict) -> Optional[dict]:
+    """One sample per input when every non-batch dimension is static (``inspect`` has no data)."""
+    feed = {}
+    for name, (dims, dtype) in specs.items():
+        shape = [1] + [d if isinstance(d, int) else None for d in dims[1:]]
+        if any(d is None for d in shape):
+            return None
+        feed[name] = (np.zeros(shape, dtype) if np.issubdtype(dtype, np.integer)
+                      else np.random.default_rng(0).standard_normal(shape).astype(dtype))
+    return feed
+
+
+class PartitionPass(Pass):
+    """Graph -> regions (ctx.regions), in the mode the config, method, device and model call for."""
+
+    name = "partition"
 
     def run(self, graph: Graph, ctx) -> Graph:
-        mode = ctx.config.regions if ctx.config.regions != "auto" else auto_mode(ctx.device, has_attention(graph))
+        cfg = ctx.config
+        if ctx.calibration is not None:
+            feed = next(ctx.calibration.batches(1))
+        else:
+            feed = random_feed(model_input_specs(graph.model))
+        ctx.tensor_sizes = tensor_sizes(capture_shapes(graph.model, feed)) if feed else {}
+        mode = cfg.regions if cfg.regions != "auto" else auto_mode(ctx.device, ctx.traits.attention,
+                                                                    ctx.method.region_mode)
         ctx.region_mode = mode
-        ctx.regions = partition(graph, mode, quantize=ctx.quantize_nodes, sizes=ctx.tensor_sizes)
+        ctx.regions = partition(graph, mode, quantize=ctx.quantize_nodes, sizes=ctx.tensor_sizes or None)
         return graph

@@ -22,17 +22,14 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
 from onnxflex.errors import OnnxflexError
+from onnxflex.graph import Graph
+from onnxflex.passes.base import Pass
+from onnxflex.onnx_facts import MAX_IR_VERSION, MIN_QDQ_OPSET, PROTO_LIMIT, default_opset, upgrade_opset
 
-__all__ = ["load_model", "PreparePass", "static_input_shapes", "MIN_OPSET", "MAX_IR_VERSION"]
+__all__ = ["load_model", "PreparePass", "static_input_shapes"]
 
 logger = logging.getLogger(__name__)
 
-#: QDQ with per-channel `axis` on DequantizeLinear needs opset 13.
-MIN_OPSET = 13
-#: onnxruntime 1.31 refuses IR 14 (what onnx >= 1.20 writes); 10 covers opsets up to 22.
-MAX_IR_VERSION = 10
-# Protobuf cannot serialise a message over 2 GiB; stay clear of it.
-_PROTO_LIMIT = (1 << 31) - (1 << 24)
 # Constant folding: the onnxscript default (8192 elements) would leave large weight
 # subgraphs such as Cast(fp16 weight) or Transpose(weight) unfolded, and weights must end
 # up as initializers. Output growth is still bounded by onnxscript's output limit.
@@ -109,7 +106,7 @@ def _stripped_copy(model: onnx.ModelProto, keep_elements: int = 1024) -> onnx.Mo
 
 def _check(model: onnx.ModelProto, source: str) -> None:
     try:
-        if model.ByteSize() < _PROTO_LIMIT:
+        if model.ByteSize() < PROTO_LIMIT:
             onnx.checker.check_model(model)
         else:
             onnx.checker.check_model(_stripped_copy(model))
@@ -174,36 +171,6 @@ def load_model(
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _default_opset(model: onnx.ModelProto) -> int:
-    for op in model.opset_import:
-        if op.domain in ("", "ai.onnx"):
-            return op.version
-    return 0
-
-
-def _upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
-    """onnx.version_converter to `target` (it serialises the model, so not over 2 GB)."""
-    old = _default_opset(model)
-    if model.ByteSize() >= _PROTO_LIMIT:
-        raise OnnxflexError(
-            f"model is opset {old} and over 2 GB, too large to convert to opset {target}; "
-            f"re-export it with opset_version>={target}"
-        )
-    try:
-        converted = onnx.version_converter.convert_version(model, target)
-    except Exception as exc:  # noqa: BLE001 - converter raises assorted C++ errors
-        raise OnnxflexError(
-            f"cannot convert the model from opset {old} to {target} ({_short(exc)}); "
-            f"re-export it with opset_version>={target}"
-        ) from exc
-    if _default_opset(converted) < target:
-        raise OnnxflexError(
-            f"opset conversion from {old} to {target} did not take; re-export the model "
-            f"with opset_version>={target}"
-        )
-    return converted
 
 
 def _required_ir(model: onnx.ModelProto) -> int:
@@ -321,7 +288,7 @@ def _name_nodes(model: onnx.ModelProto) -> None:
 # --------------------------------------------------------------------------- the pass
 
 
-class PreparePass:
+class PreparePass(Pass):
     """Canonicalise an exported FP32 model so later passes see one form.
 
     Steps (each for a reason):
@@ -343,13 +310,21 @@ class PreparePass:
     The input ModelProto is not modified.
     """
 
-    def __init__(self, min_opset: int = MIN_OPSET, fold_constants: bool = True) -> None:
+    def __init__(self, min_opset: int = MIN_QDQ_OPSET, fold_constants: bool = True) -> None:
         self.min_opset = min_opset
         self.fold_constants = fold_constants
         #: what the last run did, for logs and `onnxflex inspect`
         self.stats: dict[str, int] = {}
 
-    def run(self, model: onnx.ModelProto | str | os.PathLike, ctx=None) -> onnx.ModelProto:
+    name = "prepare"
+
+    def run(self, graph: Graph, ctx) -> Graph:
+        """Pass contract: the prepared model becomes the run's FP32 reference (``ctx.fp_model``)."""
+        ctx.fp_model = self.prepare(graph.model)
+        return Graph(ctx.fp_model)
+
+    def prepare(self, model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
+        """Return the canonical form of ``model`` (a path or a ModelProto, which is not modified)."""
         if not isinstance(model, onnx.ModelProto):
             model = load_model(model)
         elif any(True for _ in _external_tensors(model)):
@@ -357,13 +332,13 @@ class PreparePass:
                 "model references external data that is not loaded; load it with "
                 "onnxflex's load_model(path) (or load_model(proto, base_dir=...)) first"
             )
-        stats = {"opset_before": _default_opset(model)}
+        stats = {"opset_before": default_opset(model)}
         if not model.graph.node:
             raise OnnxflexError("model graph has no nodes; export the model again")
         bn_before = sum(n.op_type == "BatchNormalization" for n in model.graph.node)
 
-        if _default_opset(model) < self.min_opset:
-            model = _upgrade_opset(model, self.min_opset)
+        if default_opset(model) < self.min_opset:
+            model = upgrade_opset(model, self.min_opset, "per-channel Q/DQ needs")
 
         irm = ir.serde.deserialize_model(model)
         try:
@@ -395,7 +370,7 @@ class PreparePass:
         if out.ir_version > MAX_IR_VERSION:
             logger.warning("model needs IR version %d; onnxruntime may refuse it", out.ir_version)
 
-        stats["opset_after"] = _default_opset(out)
+        stats["opset_after"] = default_opset(out)
         stats["bn_folded"] = bn_before - sum(
             n.op_type == "BatchNormalization" for n in out.graph.node)
         stats["nodes"] = len(out.graph.node)

@@ -1,4 +1,4 @@
-"""Write back: integer weights behind DequantizeLinear, activation Q/DQ pairs (TensorRT placement).
+"""Write back: integer weights behind DequantizeLinear, activation Q/DQ pairs where the target placed them.
 
 The learned integers are stored as the DequantizeLinear input (INT8, or INT4 at opset 21): never a
 float weight behind a QuantizeLinear, which ORT and TensorRT would re-round, undoing the learning.
@@ -12,31 +12,17 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..errors import OnnxflexError
-from ..graph import Graph, ORT_IR_VERSION, default_opset
+from ..graph import Graph
+from .base import Pass
+from ..onnx_facts import INT4_OPSET, MIN_QDQ_OPSET, cap_ir_version, upgrade_opset
 
 log = logging.getLogger("onnxflex")
 
 
 def _needed_opset(weight_results, act_bits: int) -> int:
     if act_bits == 16 or any(r.bits < 8 for r in weight_results.values()):
-        return 21
-    return 13
-
-
-def _upgrade_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
-    if default_opset(model) >= opset:
-        return model
-    try:
-        from onnx import version_converter
-
-        converted = version_converter.convert_version(model, opset)
-        converted.ir_version = ORT_IR_VERSION
-        return converted
-    except Exception as e:  # the converter lacks an adapter for some op
-        raise OnnxflexError(
-            f"cannot convert the model to opset {opset}, which INT4 weights / INT16 activations need ({e}); "
-            "use --weight-bits 8 and --act-bits 8") from None
+        return INT4_OPSET
+    return MIN_QDQ_OPSET
 
 
 def _weight_tensor(name: str, q: np.ndarray, bits: int) -> TensorProto:
@@ -49,7 +35,8 @@ def write_qdq(model: onnx.ModelProto, weight_results: dict, act_points: dict, ac
     """Return a QDQ copy of the prepared FP32 model."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    out = _upgrade_opset(out, _needed_opset(weight_results, act_bits))
+    out = upgrade_opset(out, _needed_opset(weight_results, act_bits),
+                        "INT4 weights / INT16 activations need (or use --weight-bits 8 --act-bits 8)")
     g = out.graph
     graph = Graph(out)  # its node objects are the proto's own, so rewiring them edits `out`
     nodes_by_name = graph.node_by_name
@@ -71,7 +58,6 @@ def write_qdq(model: onnx.ModelProto, weight_results: dict, act_points: dict, ac
         node.input[1] = dq_out
         replaced.add(spec.weight)
 
-    act_dtype = np.int16 if act_bits == 16 else np.int8
     act_nodes = []
     for t, p in (act_points or {}).items():
         if not p.consumers:
@@ -79,7 +65,7 @@ def write_qdq(model: onnx.ModelProto, weight_results: dict, act_points: dict, ac
         safe = t.replace("/", "_").replace(":", "_")
         s_name, z_name = f"{safe}_act_scale", f"{safe}_act_zero_point"
         new_inits += [numpy_helper.from_array(np.array(p.scale, np.float32), s_name),
-                      numpy_helper.from_array(np.array(0, act_dtype), z_name)]
+                      numpy_helper.from_array(np.array(p.zero_point, np.dtype(p.dtype)), z_name)]
         q = helper.make_node("QuantizeLinear", [t, s_name, z_name], [f"{safe}_quantized"], name=f"{safe}_QuantizeLinear")
         dq = helper.make_node("DequantizeLinear", [f"{safe}_quantized", s_name, z_name], [f"{safe}_dequantized"],
                               name=f"{safe}_DequantizeLinear")
@@ -109,12 +95,13 @@ def write_qdq(model: onnx.ModelProto, weight_results: dict, act_points: dict, ac
     keep = [t for t in g.initializer if t.name not in replaced or t.name in still_used]
     del g.initializer[:]
     g.initializer.extend(keep + new_inits)
-    out.ir_version = ORT_IR_VERSION
-    return out
+    return cap_ir_version(out)
 
 
-class QDQPass:
+class QDQPass(Pass):
     """Prepared FP32 graph + learned integers/scales -> standard QDQ model (ctx.qdq_model)."""
+
+    name = "qdq"
 
     def run(self, graph: Graph, ctx) -> Graph:
         ctx.qdq_model = write_qdq(graph.model, ctx.weight_results, ctx.act_points, ctx.config.act_bits)

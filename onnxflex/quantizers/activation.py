@@ -1,4 +1,4 @@
-"""Activation fake quantization: per-tensor symmetric, learnable step (LSQ), plus QDrop mixing."""
+"""Activation fake quantization: per-tensor scale and zero point, learnable step (LSQ)."""
 from __future__ import annotations
 
 import math
@@ -16,17 +16,23 @@ def grad_scale(x: Tensor, g: float) -> Tensor:
 
 
 class ActQuantizer(nn.Module):
-    """y = s * clamp(round(x / s), qmin, qmax), qmin/qmax = act_qrange(bits), zero point 0.
+    """y = s * (clamp(round(x / s) + z, qmin, qmax) - z): QuantizeLinear then DequantizeLinear with
+    scale s and zero point z (0 for symmetric targets); qmin/qmax = act_qrange(bits), or [0, 2^bits - 1]
+    when ``signed`` is False (uint8).
 
     x / s (not x * (1/s)) matches ONNX QuantizeLinear. With ``learn`` the step s is a parameter
     trained by LSQ: straight-through rounding and gradient scale 1/sqrt(numel * qmax) so its
     updates are comparable to the weights'. ``enabled = False`` makes it the identity.
     """
 
-    def __init__(self, scale: float, bits: int = 8, learn: bool = True, eps: float = 1e-12):
+    def __init__(self, scale: float, bits: int = 8, learn: bool = True, eps: float = 1e-12, zero_point: int = 0,
+                 signed: bool = True):
         super().__init__()
         self.bits = int(bits)
-        self.qmin, self.qmax = act_qrange(self.bits)
+        self.qmin, self.qmax = act_qrange(self.bits) if signed else (0, 2 ** self.bits - 1)
+        if not self.qmin <= zero_point <= self.qmax:
+            raise ValueError(f"zero point {zero_point} outside [{self.qmin}, {self.qmax}]")
+        self.zero_point = int(zero_point)
         self.learn = bool(learn)
         self.eps = float(eps)
         self.enabled = True
@@ -49,21 +55,22 @@ class ActQuantizer(nn.Module):
             return x
         s = self._step(x.numel())
         # clamp before rounding (LSQ's order): same values as QuantizeLinear's round-then-saturate
-        # since the bounds are integers, but the gradient treats z in (qmax, qmax + 0.5] as clipped
-        return round_ste(torch.clamp(x / s, self.qmin, self.qmax)) * s
+        # since the bounds are integers, but the gradient treats z in (qmax, qmax + 0.5] as clipped;
+        # the zero point shifts the bounds (round(x/s) + z, not round(x/s + z): ties round to even)
+        z = self.zero_point
+        return round_ste(torch.clamp(x / s, self.qmin - z, self.qmax - z)) * s
+
+    @torch.no_grad()
+    def set_range(self, scale: float, zero_point: int = 0) -> None:
+        """Replace the step and zero point (the calibrated candidates tried per activation)."""
+        self.step.data.fill_(float(scale))
+        self.zero_point = int(zero_point)
 
     def scale(self) -> float:
         """Current step as a Python float (written as the QuantizeLinear/DequantizeLinear scale)."""
         return float(self.step.detach().clamp_min(self.eps))
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, scale={self.scale():.6g}, learn={self.learn}, enabled={self.enabled}"
+        return (f"bits={self.bits}, scale={self.scale():.6g}, zero_point={self.zero_point}, learn={self.learn}, "
+                f"enabled={self.enabled}")
 
-
-def qdrop(x_q: Tensor, x_fp: Tensor, p: float = 0.5) -> Tensor:
-    """QDrop (Wei et al. 2022): element-wise take the quantized value with probability p, else FP."""
-    if p >= 1.0:
-        return x_q
-    if p <= 0.0:
-        return x_fp
-    return torch.where(torch.rand_like(x_q) < p, x_q, x_fp)

@@ -31,15 +31,14 @@ import onnx
 from ..calib import (
     CalibrationSet,
     Preprocess,
-    _no_images_error,
     iter_images,
     list_images,
     load_calibration,
     resolve_image_input,
     to_layout,
 )
+from ..calib.images import no_images_error
 from ..errors import OnnxflexError
-from ..text import is_text_file, load_text_calibration
 from . import metrics
 from .session import _summarize, input_specs, make_session
 
@@ -267,7 +266,7 @@ def evaluate(
         img = resolve_image_input(specs, preprocess)
         files = list_images(folder)
         if not files:
-            raise _no_images_error(folder)
+            raise no_images_error(folder)
         label_path = Path(labels) if labels is not None else (folder / "labels.csv")
         table = None
         if labels is not None or label_path.is_file():
@@ -281,12 +280,7 @@ def evaluate(
     else:
         if isinstance(data, (str, os.PathLike)) and not Path(data).exists():
             raise OnnxflexError(f"data path {data} does not exist; check the path")
-        if isinstance(data, CalibrationSet):
-            cs = data
-        elif isinstance(data, (str, os.PathLike)) and is_text_file(data):
-            cs = load_text_calibration(data, specs, tokenizer, max_length=max_length, size=limit)
-        else:
-            cs = load_calibration(data, specs, size=limit)
+        cs = load_calibration(data, specs, size=limit, tokenizer=tokenizer, max_length=max_length)
         if isinstance(data, CalibrationSet) and limit is not None:
             cs = CalibrationSet(cs.samples[:limit], cs.input_names, cs.source, cs.files, cs.static_batch, cs.input_specs)
         if labels is not None:
@@ -337,7 +331,8 @@ def evaluate(
             C = logits.shape[1]
             bad = y_true[(y_true < 0) | (y_true >= C)]
             if bad.size:
-                raise OnnxflexError(f"label {int(bad[0])} is out of range for a {C}-class output; check the labels match the model's classes")
+                raise OnnxflexError(f"label {int(bad[0])} is out of range for a {C}-class output; "
+                                    "check the labels match the model's classes")
             top1 = metrics.topk_accuracy(logits, y_true, 1)
             top5 = metrics.topk_accuracy(logits, y_true, 5) if C > 5 else None
         if ry is not None:

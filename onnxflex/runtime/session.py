@@ -22,6 +22,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from ..errors import OnnxflexError
+from ..onnx_facts import fits_in_protobuf
 
 PROVIDER_NAMES = {
     "cpu": "CPUExecutionProvider",
@@ -36,7 +37,6 @@ OPT_LEVELS = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
-_PROTO_LIMIT = 2**31 - 2**20  # protobuf cannot serialize >= 2 GiB; keep a margin
 
 _ORT_TYPES = {
     "tensor(float)": np.float32,
@@ -233,7 +233,8 @@ def make_session(
 
     if "TensorrtExecutionProvider" in provs and "TensorrtExecutionProvider" not in opts_by:
         try:
-            p = proto if proto is not None else (onnx.load_from_string(blob) if blob is not None else onnx.load(str(path), load_external_data=False))
+            p = proto if proto is not None else (
+                onnx.load_from_string(blob) if blob is not None else onnx.load(str(path), load_external_data=False))
             opts_by["TensorrtExecutionProvider"] = {"trt_int8_enable": bool(_has_qdq(p))}
         except Exception:
             pass
@@ -272,7 +273,7 @@ def make_session(
     fix_ir_version(proto)  # restored below: the caller's proto is not ours to change
     try:
         try:
-            serialized = proto.SerializeToString() if proto.ByteSize() < _PROTO_LIMIT else None
+            serialized = proto.SerializeToString() if fits_in_protobuf(proto) else None
         except Exception:
             serialized = None
         if serialized is not None:

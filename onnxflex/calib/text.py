@@ -14,8 +14,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .calib import CalibrationSet, _fmt_shape, _is_static, _norm_specs
-from .errors import OnnxflexError
+from ..errors import OnnxflexError
+from .dataset import CalibrationSet, fmt_shape, is_static, norm_specs, static_batch
 
 TEXT_EXTENSIONS = (".txt", ".text")
 TOKEN_INPUTS = "input_ids / ids / input, attention_mask / mask, token_type_ids / segment_ids"
@@ -148,7 +148,7 @@ def tokenize_feeds(
     static sequence dim when it has one.  ``feeds`` maps each model input to an [N, S] array in its dtype;
     ``mask`` is the [N, S] int64 attention mask (1 = token, 0 = padding).
     """
-    specs = _norm_specs(input_specs)
+    specs = norm_specs(input_specs)
     roles, static_len = {}, set()
     for name, (shape, dtype) in specs.items():
         role = _role(name)
@@ -158,11 +158,11 @@ def tokenize_feeds(
             )
         if shape is not None and len(shape) != 2:
             raise OnnxflexError(
-                f"model input {name!r} has shape {_fmt_shape(shape)}, not [batch, seq]; pass .npz feeds instead of text"
+                f"model input {name!r} has shape {fmt_shape(shape)}, not [batch, seq]; pass .npz feeds instead of text"
             )
         if not (np.issubdtype(dtype, np.integer) or (role == "attention_mask" and dtype.kind in "fb")):
             raise OnnxflexError(f"model input {name!r} is {dtype}, not integer token data; pass .npz feeds instead of text")
-        if shape is not None and _is_static(shape[1]):
+        if shape is not None and is_static(shape[1]):
             static_len.add(int(shape[1]))
         roles[name] = role
     if len(static_len) > 1:
@@ -171,7 +171,8 @@ def tokenize_feeds(
     try:
         encs = tok.encode_batch(list(texts))
     except Exception as e:
-        raise OnnxflexError(f"tokenizing the calibration texts failed ({type(e).__name__}: {e}); check --max-length and the tokenizer") from None
+        raise OnnxflexError(f"tokenizing the calibration texts failed ({type(e).__name__}: {e}); "
+                            "check --max-length and the tokenizer") from None
     arrays = {
         "ids": np.array([e.ids for e in encs], dtype=np.int64),
         "attention_mask": np.array([e.attention_mask for e in encs], dtype=np.int64),
@@ -193,15 +194,13 @@ def load_text_calibration(
         raise OnnxflexError("text calibration needs --tokenizer DIR (a Hugging Face tokenizer folder with tokenizer.json or vocab.txt)")
     if size is not None and int(size) < 1:
         raise OnnxflexError(f"calibration size must be at least 1, got {size}")
-    specs = _norm_specs(input_specs)
+    specs = norm_specs(input_specs)
     texts = read_texts(path)
     if size is not None:
         texts = texts[: int(size)]
     feeds, mask = tokenize_feeds(texts, tokenizer, specs, max_length)
     samples = [{k: v[i : i + 1] for k, v in feeds.items()} for i in range(len(texts))]
-    first = next(iter(specs.values()))[0]
-    static_batch = int(first[0]) if first and _is_static(first[0]) else None
-    return CalibrationSet(samples, list(specs), str(path), None, static_batch, specs, token_mask=mask)
+    return CalibrationSet(samples, list(specs), str(path), None, static_batch(specs), specs, token_mask=mask)
 
 
 def infer_token_mask(calib: CalibrationSet) -> np.ndarray | None:

@@ -1,0 +1,42 @@
+"""Load the written QDQ model in ONNX Runtime, run it on calibration data, and measure it against FP32.
+
+A model that does not load or run here is an onnxflex bug, never the user's: nothing is written.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import InternalError, OnnxflexError
+from ..graph import Graph
+from .base import Pass
+
+VALIDATION_SAMPLES = 64
+
+
+class ValidatePass(Pass):
+    name = "validate"
+
+    def run(self, graph: Graph, ctx) -> Graph:
+        from ..runtime.metrics import sqnr_db
+        from ..runtime.session import make_session
+
+        try:
+            sess = make_session(ctx.qdq_model, optimization="disable")
+        except OnnxflexError as e:
+            raise InternalError(f"internal error: the written QDQ model does not load in ONNX Runtime: {e}") from None
+        # the first float output is the one measured (a text model may echo its integer ids first)
+        outs = [o.name for o in sess.get_outputs() if o.type == "tensor(float)"] or [sess.get_outputs()[0].name]
+        fp_sess = make_session(ctx.fp_model)
+        qdq_vals, fp_vals, seen = [], [], 0
+        for feed in ctx.calibration.batches(32):
+            if seen >= min(ctx.calibration.num_samples, VALIDATION_SAMPLES):
+                break
+            qdq_vals.append(sess.run(outs[:1], feed)[0])
+            fp_vals.append(fp_sess.run(outs[:1], feed)[0])
+            seen += len(qdq_vals[-1])
+        qdq, fp = np.concatenate(qdq_vals), np.concatenate(fp_vals)
+        ctx.summary["calib_output_sqnr_db"] = round(float(sqnr_db(fp, qdq)), 2)
+        if outs[0] in ctx.final_outputs:
+            sim = ctx.final_outputs[outs[0]][1][: len(qdq)]
+            ctx.summary["torch_vs_ort_sqnr_db"] = round(float(sqnr_db(qdq, sim)), 2)
+        return graph

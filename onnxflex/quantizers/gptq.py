@@ -1,0 +1,194 @@
+"""GPTQ: closed-form, error-compensating rounding on the Gram statistics (no training).
+
+Frantar, Ashkboos, Hoefler, Alistarh, "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers" (ICLR 2023, arXiv:2210.17323; a.k.a. OPTQ), following the reference
+implementation (github.com/IST-DASLab/gptq, ``gptq.py``): columns are quantized one at a time and
+each column's rounding error is pushed onto the not-yet-quantized columns through the upper
+Cholesky factor of the inverse Hessian H = XᵀX, with lazy block updates, optional act-order
+(largest diag(H) first) and damping ``damp * mean(diag(H))``.
+
+Differences from the reference, both deliberate:
+
+* The grid is the quantizer's fixed per-channel symmetric scale (zero point 0); GPTQ only chooses
+  the integers, so the deployed scale is the same one RTN, FlexRound and AdaRound start from.
+* Input-error correction. The reconstruct pass's Gram form (``gram.py``) is
+  ``dWᵀ G dW - 2 dW∘C + ||R||²`` with ``R = Y_fp - op(X_q, W)``, ``C = RᵀX_q``: the inputs are the
+  *quantized* model's, the target the float model's. Completing the square, this is
+  ``(W_hat - W*) G (W_hat - W*)ᵀ + const`` with ``W* = W + C G⁻¹``, the least-squares weight that
+  maps X_q to Y_fp. Classic GPTQ (C ignored) quantizes around W; given ``correction=C`` we quantize
+  around W*, so GPTQ greedily minimises exactly the loss the other methods train on. The solve
+  uses the same damped G as GPTQ itself (a ridge regulariser on the shift).
+
+Dead inputs (diag(H) == 0, an input that is always zero) get H_ii = 1 as in the reference. The
+reference also zeroes their weights; we keep the RTN integer instead: with H_ii isolated the two
+choices have the same calibration loss (the column's error never propagates), and keeping the
+weight does not break the layer on data where that input is not zero.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .gram import GramStats
+from .grid import WeightQuantizer
+
+
+def _damped_factor(H: Tensor, damp: float, tries: int = 6) -> Tuple[Tensor, Tensor]:
+    """Dead-column fix and damping of a batched [g, K, K] float64 H, and its lower Cholesky factor.
+
+    If float error leaves the damped H not positive definite, the damping grows 10x per try
+    rather than failing the whole quantization run.
+    """
+    H = H.clone()
+    diag = H.diagonal(dim1=1, dim2=2)
+    diag[diag == 0] = 1.0
+    base = diag.mean(dim=1, keepdim=True)  # [g, 1]
+    d = float(damp)
+    for _ in range(tries):
+        Hd = H.clone()
+        Hd.diagonal(dim1=1, dim2=2).add_(d * base)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if not bool(info.any()):
+            return Hd, L
+        d = max(d * 10.0, 1e-6)
+    raise RuntimeError(f"GPTQ: Hessian not positive definite even with damp={d / 10:g}")
+
+
+def _quantize_columns(W: Tensor, U: Tensor, s: Tensor, qmin: int, qmax: int, block: int) -> Tensor:
+    """The GPTQ sweep: W [g, og, K] (modified in place), U [g, K, K] upper Cholesky of H⁻¹, s [g, og, 1].
+
+    Returns the integers (as W's float dtype). Within a block the error is applied column by column;
+    the rest of the matrix gets the block's accumulated error in one matmul (the "lazy batch").
+    """
+    g, og, K = W.shape
+    s = s.reshape(g, og)
+    Q = torch.empty_like(W)
+    for i1 in range(0, K, block):
+        i2 = min(i1 + block, K)
+        W1 = W[:, :, i1:i2].clone()
+        E1 = torch.zeros_like(W1)
+        U1 = U[:, i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            w = W1[:, :, i]
+            q = torch.clamp(torch.round(w / s), qmin, qmax)
+            Q[:, :, i1 + i] = q
+            e = (w - q * s) / U1[:, i, i].unsqueeze(1)  # [g, og]
+            W1[:, :, i:] -= e.unsqueeze(2) * U1[:, i:i + 1, i:]
+            E1[:, :, i] = e
+        if i2 < K:
+            W[:, :, i2:] -= torch.bmm(E1, U[:, i1:i2, i2:])
+    return Q
+
+
+@torch.no_grad()
+def gptq_integers(w2d: Tensor, H: Tensor, scale: Tensor, qmin: int, qmax: int, damp: float = 0.01,
+                  block: int = 128, act_order: bool = True, correction: Optional[Tensor] = None) -> Tensor:
+    """GPTQ integers of ``w2d`` [Cout, K] on the fixed grid ``scale`` ([Cout] or scalar), zero point 0.
+
+    H: [K, K], or GramStats.G's [g, K, K] for grouped / depthwise convs, where output channels
+    j*Cout/g .. (j+1)*Cout/g - 1 see H[j] (each group is an independent, exact GPTQ problem; they
+    are solved batched). correction: GramStats.C, [Cout, K] in the same row order; when given the
+    target is W* = W + C (H + damping)⁻¹ instead of W (see the module docstring). H and C need only
+    be consistent with each other (sums or means over the same samples).
+    Returns int32 [Cout, K] in [qmin, qmax]. The sweep runs in w2d's float dtype (at least float32)
+    so that, where no error propagates (diagonal H), the result is bit-identical to RTN; the
+    factorisations and the correction solve run in float64.
+    """
+    if w2d.ndim != 2:
+        raise ValueError(f"w2d must be [Cout, K], got {tuple(w2d.shape)}")
+    cout, K = w2d.shape
+    Hb = H.unsqueeze(0) if H.ndim == 2 else H
+    if Hb.ndim != 3 or Hb.shape[1:] != (K, K) or cout % Hb.shape[0]:
+        raise ValueError(f"H {tuple(H.shape)} does not match w2d {tuple(w2d.shape)}")
+    g = Hb.shape[0]
+    og = cout // g
+    dev = w2d.device
+    wdt = torch.promote_types(w2d.dtype, torch.float32)
+    W = w2d.detach().to(wdt).reshape(g, og, K).clone()
+    s = scale.detach().to(device=dev, dtype=wdt).reshape(-1)
+    if s.numel() == 1:
+        s = s.expand(cout)
+    if s.numel() != cout:
+        raise ValueError(f"scale has {s.numel()} entries for {cout} output channels")
+    s = s.reshape(g, og, 1)
+
+    Hd, L = _damped_factor(Hb.detach().to(device=dev, dtype=torch.float64), damp)
+    if correction is not None:
+        if correction.shape != (cout, K):
+            raise ValueError(f"correction {tuple(correction.shape)} must be [Cout, K] = {(cout, K)}")
+        Cg = correction.detach().to(device=dev, dtype=torch.float64).reshape(g, og, K)
+        shift = torch.cholesky_solve(Cg.transpose(1, 2), L).transpose(1, 2)  # C Hd⁻¹ (Hd symmetric)
+        W = (W.to(torch.float64) + shift).to(wdt)
+    Hinv = torch.cholesky_inverse(L)
+    if act_order:
+        perm = torch.argsort(Hd.diagonal(dim1=1, dim2=2), dim=1, descending=True, stable=True)  # [g, K]
+        W = W.gather(2, perm.unsqueeze(1).expand(g, og, K))
+        bi = torch.arange(g, device=dev)[:, None, None]
+        Hinv = Hinv[bi, perm[:, :, None], perm[:, None, :]]  # (P H Pᵀ)⁻¹ = P H⁻¹ Pᵀ
+    U = torch.linalg.cholesky(Hinv, upper=True).to(wdt)
+    Q = _quantize_columns(W, U, s, qmin, qmax, max(1, int(block)))
+    if act_order:
+        Q = Q.gather(2, torch.argsort(perm, dim=1).unsqueeze(1).expand(g, og, K))
+    return Q.reshape(cout, K).to(torch.int32)
+
+
+class GPTQQuantizer(WeightQuantizer):
+    """Fixed RTN scale, integers from GPTQ once ``solve(stats)`` has seen the layer's Gram statistics.
+
+    Starts as RTN (q = clamp(round(W / s))). No learnable parameters: the reconstruct pass calls
+    ``solve`` instead of training. ``forward() == s * q`` in the weight's own layout.
+    """
+
+    def __init__(self, weight, bits, out_axis, in_axis, per_channel=True, scale_method="lp", init_scale=None):
+        super().__init__(weight, bits, out_axis, in_axis, per_channel, scale_method, init_scale)
+        self.register_buffer("s", self.s_init())
+        self.register_buffer("q", torch.clamp(torch.round(self.weight / self.s), self.qmin, self.qmax))
+
+    def scale_broadcast(self) -> Tensor:
+        return self.s
+
+    def forward(self) -> Tensor:
+        return self.s * self.q
+
+    @torch.no_grad()
+    def integers(self) -> Tensor:
+        return self.q.to(torch.int32)
+
+    # -- Gram layout ----------------------------------------------------------------------------
+    def _moved_shape(self) -> list:
+        shape = list(self.weight.shape)
+        return [shape[self.out_axis]] + shape[:self.out_axis] + shape[self.out_axis + 1:]
+
+    def out_by_in(self, w: Tensor) -> Tensor:
+        """A weight-shaped tensor as [Cout, K], the Gram statistics' layout.
+
+        Conv [Cout, Cin/g, kh, kw] -> reshape; MatMul [K, N] (out_axis 1) -> transpose.
+        """
+        if self.out_axis is None:
+            raise ValueError("GPTQ needs the weight's output axis to lay it out as [Cout, K]")
+        return w.movedim(self.out_axis, 0).reshape(w.shape[self.out_axis], -1)
+
+    def from_out_by_in(self, w2d: Tensor) -> Tensor:
+        """Inverse of ``out_by_in``."""
+        return w2d.reshape(self._moved_shape()).movedim(0, self.out_axis)
+
+    @torch.no_grad()
+    def solve(self, stats: GramStats, damp: float = 0.01, block: int = 128, act_order: bool = True,
+              correct_inputs: bool = True) -> "GPTQQuantizer":
+        """Set the integers by GPTQ on ``stats`` (sum the mini-batches' GramStats with ``+`` first).
+
+        ``correct_inputs`` (default) quantizes around W* = W + C G⁻¹, i.e. minimises the same Gram
+        loss (quantized inputs, float target) the trained methods use; False is classic GPTQ.
+        """
+        w2d = self.out_by_in(self.weight)
+        if tuple(stats.C.shape) != tuple(w2d.shape):
+            raise ValueError(f"stats are for a [{', '.join(map(str, stats.C.shape))}] weight, "
+                             f"this one is {tuple(w2d.shape)} as [Cout, K]")
+        dev = self.weight.device
+        corr = stats.C.to(dev) if correct_inputs else None
+        q2d = gptq_integers(w2d, stats.G.to(dev), self.s.reshape(-1), self.qmin, self.qmax, damp, block,
+                            act_order, corr)
+        self.q.copy_(self.from_out_by_in(q2d.to(self.q.dtype)))
+        return self

@@ -1,0 +1,169 @@
+"""How a region's rounding is fitted: one Adam loop (BRECQ's) over either real forward/backward
+passes of the lifted region (blocks) or the exact Gram form of a one-op region's linear-output loss
+(DESIGN §3), with QDrop mixing of the two streams' inputs."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ..graph import Graph, WeightSpec
+from ..lift.ops import node_attrs
+from ..progress import progress_bar
+from ..quantizers import gram as gram_mod
+from .losses import FLOAT_TYPES, data_loss, token_weights
+from .streams import stage, to_torch
+
+
+def mix(q, f, p, gen):
+    """QDrop: element-wise, feed the FP input with probability p (dropping the quantization error
+    upstream), the quantized-stream input otherwise. p = 0: always the quantized stream."""
+    if p <= 0.0 or not q.is_floating_point():
+        return q
+    if p >= 1.0:
+        return f
+    drop = torch.rand(q.shape, generator=gen, device=q.device) < p
+    return torch.where(drop, f, q)
+
+
+def fit(quantizers, act_params, batch_loss, iters: int, lr: float, act_lr: float, desc: str, progress: bool):
+    """The one reconstruction loop: Adam with cosine decay on ``batch_loss(it)`` plus the
+    quantizers' regularisers, with a progress bar and a guard against non-finite losses."""
+    groups = [{"params": [p for q in quantizers for p in q.parameters()], "lr": lr}]
+    if act_params:
+        groups.append({"params": act_params, "lr": act_lr})
+    opt = torch.optim.Adam(groups)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iters, eta_min=0.0)
+    bar = progress_bar(total=iters, desc=desc, leave=False, enable=progress)
+    try:
+        for it in range(iters):
+            for q in quantizers:
+                q.set_progress(it / iters)
+            loss = batch_loss(it) + sum(q.regularizer() for q in quantizers)
+            if not torch.isfinite(loss):
+                raise FloatingPointError
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if it % 25 == 0 or it == iters - 1:
+                bar.set_postfix_str(f"loss {loss.item():.3g}")
+            bar.update(1)
+    finally:
+        bar.close()
+
+
+def train_direct(module, region, quantizers, own_acts, streams, y_fp, cfg, per_sample, rng, gen, device, desc):
+    """Block regions: real forward/backward passes of the lifted region on random mini-batches."""
+    n, bs = streams.n_train, min(cfg.batch_size, streams.n_train)
+    for m in own_acts:
+        m.train()
+    float_outs = [o for o in region.outputs if y_fp[o].dtype in FLOAT_TYPES]
+    xq = {t: stage(streams.q[t], device) for t in region.inputs}
+    xfp = {t: stage(streams.fp[t], device) for t in region.inputs}
+    ys = {o: stage(y_fp[o], device) for o in float_outs}
+    masks = None if streams.mask is None else stage(streams.mask, device)
+
+    def batch_loss(it):
+        idx = torch.from_numpy(np.sort(rng.choice(n, bs, replace=False))).to(device)
+        feeds = [mix(xq[t].index_select(0, idx), xfp[t].index_select(0, idx), cfg.drop_prob, gen)
+                 for t in region.inputs]
+        out = module(*feeds)
+        m = None if masks is None else masks.index_select(0, idx)
+        loss = sum(data_loss(out[o], ys[o].index_select(0, idx), m, per_sample) for o in float_outs)
+        return loss / max(1, len(float_outs))
+
+    fit(quantizers, [p for m in own_acts for p in m.parameters()], batch_loss, cfg.iters, cfg.lr, cfg.act_lr,
+        desc, cfg.progress)
+
+
+# ----------------------------------------------------------------------------- Gram form
+
+def out_by_in(w: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
+    """Weight as [Cout, K] (the Gram form's layout)."""
+    if spec.op_type == "Conv":
+        return w.reshape(w.shape[0], -1)
+    return w if spec.out_axis == 0 else w.t()
+
+
+def conv_geometry(node, x_shape, w_shape):
+    a = node_attrs(node)
+    k = list(w_shape[2:])
+    if len(k) != 2:
+        return None
+    strides = list(a.get("strides", [1, 1]))
+    dil = list(a.get("dilations", [1, 1]))
+    auto_pad = a.get("auto_pad", "NOTSET")
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        pads = []
+        for d in range(2):
+            out = math.ceil(x_shape[2 + d] / strides[d])
+            total = max(0, (out - 1) * strides[d] + (k[d] - 1) * dil[d] + 1 - x_shape[2 + d])
+            lo = total // 2 if auto_pad == "SAME_UPPER" else total - total // 2
+            pads.append((lo, total - lo))
+        (ht, hb), (wl, wr) = pads
+    elif auto_pad == "VALID":
+        ht = hb = wl = wr = 0
+    else:
+        ht, wl, hb, wr = list(a.get("pads", [0, 0, 0, 0]))
+    return dict(stride=tuple(strides), padding=(wl, wr, ht, hb), dilation=tuple(dil), groups=int(a.get("group", 1)))
+
+
+def gram_applicable(graph: Graph, region) -> bool:
+    """Exact Gram form needs one weighted op whose data input is a region input and a linear output."""
+    if len(region.weights) != 1:
+        return False
+    spec = region.weights[0]
+    if spec.data_input not in region.inputs:
+        return False
+    node = graph.node_by_name[spec.node]
+    if spec.op_type == "Gemm":
+        a = node_attrs(node)
+        return a.get("transA", 0) == 0 and a.get("alpha", 1.0) == 1.0 and a.get("beta", 1.0) == 1.0
+    if spec.op_type == "Conv":
+        return len(graph.initializers[spec.weight].dims) == 4
+    return True
+
+
+@torch.no_grad()
+def gram_stats(graph: Graph, spec: WeightSpec, act, streams, y_lin: np.ndarray, batch: int, drop_prob: float,
+               rng, gen, device) -> list:
+    """Per mini-batch statistics (G = XᵀX, C = RᵀX, ||R||²) of the op's linear-output loss, with the
+    op's input taken from the quantized stream (QDrop-mixed with the FP stream) through its Q/DQ."""
+    node = graph.node_by_name[spec.node]
+    w = torch.from_numpy(graph.array(spec.weight).astype(np.float32)).to(device)
+    b = torch.from_numpy(graph.array(spec.bias).astype(np.float32)).to(device) if spec.bias else None
+    n = streams.n_train
+    order = rng.permutation(n)
+    stats = []
+    for s in range(0, n, batch):
+        idx = np.sort(order[s:s + batch])
+        x = mix(to_torch(streams.q[spec.data_input][idx], device),
+                to_torch(streams.fp[spec.data_input][idx], device), drop_prob, gen)
+        if act is not None:
+            x = act(x)
+        y = to_torch(y_lin[idx], device)
+        m = None if streams.mask is None else token_weights(to_torch(streams.mask[idx], device), y)
+        if m is not None:  # only the real tokens' rows enter G, C and ||R||^2
+            keep = m.reshape(m.shape[:2]) > 0
+            x, y = x[keep], y[keep]
+        if spec.op_type == "Conv":
+            geo = conv_geometry(node, tuple(x.shape), tuple(w.shape))
+            stats.append(gram_mod.conv_gram(x, w, b, y, **geo, accum_dtype=torch.float32))
+        else:
+            st = gram_mod.linear_gram(x, out_by_in(w, spec), b, y, accum_dtype=torch.float32)
+            st.samples = len(idx)
+            stats.append(st)
+    return stats
+
+
+def train_gram(graph: Graph, spec: WeightSpec, quantizer, stats: list, cfg, per_sample: bool, desc: str, device):
+    """One-op regions: Adam on the exact quadratic form of the linear-output MSE, per cached mini-batch."""
+    w = torch.from_numpy(graph.array(spec.weight).astype(np.float32)).to(device)
+    data = gram_mod.gram_sample_loss if per_sample else gram_mod.gram_mse
+
+    def batch_loss(it):
+        return data(stats[it % len(stats)], out_by_in(quantizer() - w, spec))
+
+    fit([quantizer], [], batch_loss, cfg.iters, cfg.lr, cfg.act_lr, desc, cfg.progress)

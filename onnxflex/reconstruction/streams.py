@@ -1,0 +1,98 @@
+"""The two calibration streams of DESIGN §1 and how regions run on them.
+
+FP stream: ONNX Runtime's FP32 outputs of each region (the targets). Q stream: the torch region
+with its quantizers. Only tensors a later region reads are kept (TensorStore spills past a budget).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import onnx
+import torch
+
+from ..context import Region
+from ..graph import Graph
+from ..onnx_facts import cap_ir_version
+from ..store import TensorStore
+
+
+@dataclass
+class Streams:
+    fp: TensorStore
+    q: TensorStore
+    n: int
+    n_train: int  # samples [0, n_train) train; the rest are held out to judge each region
+    mask: Optional[np.ndarray] = None  # [n, seq] token mask (text): padded positions are not fitted
+
+    def store(self, y_fp: dict, y_q: dict) -> None:
+        for o, v in y_fp.items():
+            self.fp.put(o, v)
+        for o, v in y_q.items():
+            self.q.put(o, v)
+
+    def keep_only(self, names: set) -> None:
+        self.fp.keep_only(names)
+        self.q.keep_only(names)
+
+    def close(self) -> None:
+        self.fp.close()
+        self.q.close()
+
+
+def needed_after(graph: Graph, regions: list) -> list:
+    """needed[i]: the tensors some region after region i (or the graph output) reads."""
+    later = set(graph.output_names)
+    needed = [set() for _ in regions]
+    for r in reversed(regions):
+        needed[r.index] = set(later)
+        later |= set(r.inputs)
+    return needed
+
+
+def region_model(graph: Graph, region: Region, outputs: list, input_dtypes: dict) -> onnx.ModelProto:
+    """A standalone ONNX model holding only this region's nodes, for ONNX Runtime FP32 targets."""
+    h = onnx.helper
+    inputs = [h.make_tensor_value_info(t, h.np_dtype_to_tensor_dtype(np.dtype(input_dtypes[t])), None)
+              for t in region.inputs]
+    outs = [h.make_tensor_value_info(t, graph.elem_types.get(t, onnx.TensorProto.FLOAT), None) for t in outputs]
+    used = {i for n in region.nodes for i in n.input if i in graph.initializers}
+    g = h.make_graph(region.nodes, f"region_{region.index}", inputs, outs,
+                     initializer=[graph.initializers[i] for i in sorted(used)])
+    return cap_ir_version(h.make_model(g, opset_imports=list(graph.model.opset_import)))
+
+
+def ort_outputs(sess, store: TensorStore, inputs: list, outputs: list, n: int, batch: int) -> dict:
+    res = {o: [] for o in outputs}
+    for s in range(0, n, batch):
+        outs = sess.run(outputs, {i: np.asarray(store[i][s:s + batch]) for i in inputs})
+        for o, v in zip(outputs, outs):
+            res[o].append(v)
+    return {o: np.concatenate(v) for o, v in res.items()}
+
+
+def to_torch(a, device):
+    return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+
+def stage(a: np.ndarray, device, chunk: int = 64) -> torch.Tensor:
+    """A region's calibration tensor for training: shared with numpy on the CPU; on a GPU, copied
+    once into device memory in pinned, batched host-to-device copies (then indexed on the device)."""
+    if device.type != "cuda":
+        return torch.from_numpy(np.ascontiguousarray(a))
+    out = torch.empty(a.shape, dtype=torch.from_numpy(a[:1].copy()).dtype, device=device)
+    for s in range(0, a.shape[0], chunk):
+        out[s:s + chunk].copy_(torch.from_numpy(np.ascontiguousarray(a[s:s + chunk])).pin_memory(), non_blocking=True)
+    torch.cuda.synchronize(device)
+    return out
+
+
+@torch.no_grad()
+def torch_outputs(module, store: TensorStore, inputs: list, outputs: list, n: int, batch: int, device) -> dict:
+    res = {o: [] for o in outputs}
+    for s in range(0, n, batch):
+        outs = module(*[to_torch(store[i][s:s + batch], device) for i in inputs])
+        for o in outputs:
+            res[o].append(outs[o].detach().cpu().numpy())
+    return {o: np.concatenate(v) for o, v in res.items()}
