@@ -55,6 +55,7 @@ class ActPoint:
     zero_point: int = 0  # 0 for symmetric targets (TensorRT)
     low: float = float("inf")  # observed FP32 range on the calibration set
     high: float = float("-inf")
+    high_limit: float = float("inf")  # the grid's top must stay at or below this (a Clip the runtime folds into the Q)
     candidates: dict = field(default_factory=dict)  # method -> (scale, zero point), chosen by region error
 
 

@@ -7,10 +7,14 @@ passes read them from ``ctx.target``:
 
 * ``tensorrt``: symmetric int8 (zero point 0) on the inputs of weighted ops and of residual Adds;
   TensorRT propagates and fuses the rest.
-* ``ort-cpu``: onnxruntime's CPU provider reaches its integer kernels (QLinearConv, QLinearMatMul,
-  QGemm, QLinearAdd, QLinearGlobalAveragePool) only for DQ -> op -> Q, so op outputs are quantized
-  too, after the op's ReLU/Clip (which onnxruntime then folds into the Q), with asymmetric uint8
-  activations (a zero point per tensor), the layout of onnxruntime's own ``quantize_static`` U8S8.
+* ``ort-cpu``: onnxruntime's CPU provider (1.31, measured: bench/ort_cpu_probe.py and
+  bench/results/deploy_*.md) runs a Conv, Add or pool as an integer kernel (QLinearConv, QLinearAdd,
+  QLinearGlobalAveragePool) only for DQ -> op -> Q, so their outputs are quantized too, after the
+  Conv's ReLU/Clip, which it folds into the Q when the Q's range lies inside the clamp's; a MatMul or
+  Gemm with a constant weight needs only DQ on its inputs (MatMulIntegerToFloat, QGemm with float
+  output), and a Q on its output costs accuracy for no speed. Activations are asymmetric uint8:
+  int8 ones are converted to uint8 only where a tensor has one reader, and real s8s8 kernels are
+  2-5x slower than FP32 on x86.
 """
 from __future__ import annotations
 
@@ -23,9 +27,9 @@ from .graph import Graph
 from .onnx_facts import MAX_QDQ_OPSET, MIN_QDQ_OPSET
 from .traits import ModelTraits
 
-# ops whose output ORT-CPU computes in int8 when all their activation inputs come from DQ
-# (QLinearAdd, QLinearGlobalAveragePool, QLinearAveragePool, QLinearConcat, and int8 MaxPool)
-ORT_INT8_OPS = ("Add", "GlobalAveragePool", "AveragePool", "MaxPool", "Concat")
+# ops ORT-CPU runs as integer kernels when every input comes from a DQ and the output goes to a Q
+# (QLinearAdd, QLinearMul, QLinearGlobalAveragePool, QLinearAveragePool, QLinearConcat, QLinearSigmoid)
+ORT_INT8_OPS = ("Add", "Mul", "GlobalAveragePool", "AveragePool", "Concat", "Sigmoid")
 # element-wise clamps that onnxruntime removes when the Q after them saturates inside their range
 FOLDED_INTO_Q = ("Relu", "Clip")
 
@@ -73,38 +77,53 @@ def tensorrt_points(graph: Graph, traits: ModelTraits, quantize: set, opts: Plac
     return points
 
 
-def _after_clamps(graph: Graph, tensor: str) -> str:
+def _clip_max(graph: Graph, node) -> float:
+    """The upper bound of a Clip (attribute before opset 11, constant input from 11); inf for ReLU."""
+    if node.op_type != "Clip":
+        return float("inf")
+    hi = next((a.f for a in node.attribute if a.name == "max"), None)
+    if len(node.input) > 2 and node.input[2] and graph.is_constant(node.input[2]):
+        hi = float(graph.array(node.input[2]))
+    return float("inf") if hi is None else float(hi)
+
+
+def _after_clamps(graph: Graph, tensor: str) -> tuple[str, float]:
     """Follow a chain of single-reader ReLU/Clip nodes: the tensor a Q should read so onnxruntime
-    can drop the clamps and fuse the op with the Q."""
+    can drop the clamps and fuse the op with the Q, and the clamps' upper bound (the Q's range must
+    not reach past it, or onnxruntime keeps the clamp and runs the op in float)."""
+    limit = float("inf")
     while True:
         readers = graph.consumers.get(tensor, [])
         if len(readers) != 1 or readers[0].op_type not in FOLDED_INTO_Q or tensor in graph.output_names:
-            return tensor
+            return tensor, limit
+        limit = min(limit, _clip_max(graph, readers[0]))
         tensor = readers[0].output[0]
 
 
 def ort_cpu_points(graph: Graph, traits: ModelTraits, quantize: set, opts: PlacementOptions) -> dict:
-    """TensorRT's points plus the outputs of quantized ops, so every quantized op reads DQ and writes Q.
-
-    Graph outputs stay float (a Q there buys no speed and costs output precision)."""
+    """TensorRT's points plus the outputs of quantized Convs and of the integer ops fed only by
+    quantized tensors, so each of them reads DQ and writes Q. MatMul/Gemm outputs and graph outputs
+    stay float."""
     points = tensorrt_points(graph, traits, quantize, opts)
     add = _adder(graph, points)
 
-    def quantize_output(tensor):
+    def quantize_output(node):
+        tensor, limit = _after_clamps(graph, node.output[0])
         if tensor in graph.output_names or tensor not in traits.activations:
             return
-        for reader in graph.consumers.get(tensor, []):
+        for reader in graph.consumers.get(tensor, []):  # every reader reads the DQ: the op's only reader is the Q
             add(tensor, reader)
+        points[tensor].high_limit = min(points[tensor].high_limit, limit)
 
     for n in graph.nodes:
-        if n.name in quantize and graph.weight_spec(n) is not None:
-            quantize_output(_after_clamps(graph, n.output[0]))
+        if n.name in quantize and n.op_type == "Conv" and graph.weight_spec(n) is not None:
+            quantize_output(n)
         elif n.op_type in ORT_INT8_OPS:
-            acts = [i for i in n.input if i and not graph.is_constant(i)]
-            if acts and all(i in points for i in acts):
-                for i in acts:  # every reader of a quantized tensor reads its DQ
+            ins = [i for i in n.input if i]
+            if ins and all(i in points for i in ins):  # a float constant input keeps the op in float
+                for i in ins:
                     add(i, n)
-                quantize_output(_after_clamps(graph, n.output[0]))
+                quantize_output(n)
     return points
 
 

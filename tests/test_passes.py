@@ -247,3 +247,36 @@ def test_method_registry_entries_are_complete():
         QuantConfig(method="nope").resolved()
     with pytest.raises(OnnxflexError, match="unknown target"):
         QuantConfig(target="nope").resolved()
+
+
+def test_ort_cpu_keeps_matmul_outputs_float_and_limits_clipped_ranges():
+    """MatMul with a float output becomes MatMulIntegerToFloat (a Q there only costs accuracy); a Q
+    after Clip(0, 6) must not reach past 6, or onnxruntime keeps the Clip and the Conv in float."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 6, 6])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    six = numpy_helper.from_array(np.array(6.0, np.float32), "six")
+    zero = numpy_helper.from_array(np.array(0.0, np.float32), "zero")
+    shape = numpy_helper.from_array(np.array([-1, 4], np.int64), "shape")
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], name="conv0"),
+             helper.make_node("Clip", ["c0", "zero", "six"], ["r0"], name="relu6"),
+             helper.make_node("Conv", ["r0", "w1"], ["c1"], name="conv1"),
+             helper.make_node("GlobalAveragePool", ["c1"], ["p"], name="gap"),
+             helper.make_node("Reshape", ["p", "shape"], ["f"], name="flat"),
+             helper.make_node("MatMul", ["f", "w2"], ["m"], name="fc1"),
+             helper.make_node("Relu", ["m"], ["mr"], name="relu"),
+             helper.make_node("MatMul", ["mr", "w3"], ["y"], name="fc2")]
+    m = _model(nodes, [_w("w0", (4, 4, 1, 1)), _w("w1", (4, 4, 1, 1)), _w("w2", (4, 4)), _w("w3", (4, 3)),
+                       six, zero, shape], [x], [y])
+    g = Graph(m)
+    pts = get_target("ort-cpu").act_points(g, ModelTraits.of(g), {"conv0", "conv1", "fc1", "fc2"},
+                                           PlacementOptions(), 8)
+    assert pts["r0"].high_limit == 6.0 and pts["r0"].dtype == "uint8"
+    assert "c1" in pts and "p" in pts  # conv1 -> Q; GAP reads DQ and writes Q (QLinearGlobalAveragePool)
+    assert "m" not in pts and "mr" in pts and "y" not in pts  # fc1 output float; fc2's input quantized
+    feeds = [{"x": (np.random.default_rng(0).standard_normal((8, 4, 6, 6)) * 50).astype(np.float32)}]
+    calibrate_points(m, pts, feeds, "minmax", symmetric=False)
+    assert pts["r0"].zero_point == 0 and 255 * pts["r0"].scale <= 6.0 + 1e-6
+    from onnxflex.passes.reconstruct import max_scale
+
+    assert max_scale(pts["r0"], 8) == pytest.approx(6.0 / 255)
+    assert ActQuantizer(1.0, 8, signed=False, max_scale=6.0 / 255).scale() == pytest.approx(6.0 / 255)

@@ -150,3 +150,28 @@ def test_region_modes(tiny_cnn, tiny_calib, tmp_path, mode):
     else:
         assert any(len(r.weights) > 1 for r in res.regions)
     assert res.summary["torch_vs_ort_sqnr_db"] > 40
+
+
+def test_ort_cpu_target_runs_as_integer_kernels_in_onnxruntime(tiny_cnn, tiny_calib, tmp_path):
+    """The point of the ort-cpu layout: onnxruntime's default optimisations turn every quantized
+    Conv and the residual Add into integer kernels (the TensorRT layout gets none)."""
+    import collections
+
+    import onnxruntime as ort
+
+    def optimised_ops(path):
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = str(path) + ".opt.onnx"
+        so.log_severity_level = 3
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        return collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+
+    for target in ("ort-cpu", "tensorrt"):
+        out = tmp_path / f"{target}.onnx"
+        res = quantize(str(tiny_cnn), out, [{"input": tiny_calib}], _cfg(method="flexround", iters=20, target=target))
+        ops = optimised_ops(out)
+        if target == "ort-cpu":
+            assert ops["QLinearConv"] == 5 and ops["QLinearAdd"] == 1 and ops["Conv"] == 0, ops
+            assert res.summary["calib_output_sqnr_db"] > 20
+        else:  # only the Conv whose output the residual Add's Q reads happens to fuse
+            assert ops["QLinearConv"] <= 1 and ops["FusedConv"] + ops["Conv"] >= 4, ops

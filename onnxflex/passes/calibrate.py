@@ -106,13 +106,15 @@ def calibrate_points(model: onnx.ModelProto, points: dict[str, ActPoint], batche
         p = points[t]
         s = np.concatenate(samples[t]) if samples[t] else np.zeros(0, np.float32)
 
+        high = min(p.high, p.high_limit)
+
         def fit(m, q=percentile):
-            return qparams(*range_from_samples(s, p.low, p.high, m, q, p.dtype, symmetric), p.dtype, symmetric)
+            return qparams(*range_from_samples(s, p.low, high, m, q, p.dtype, symmetric), p.dtype, symmetric)
 
         if candidates:
             p.candidates = {"minmax": fit("minmax"), "mse": fit("mse")}
             p.candidates.update({f"p{q}": fit("percentile", q) for q in CANDIDATE_PERCENTILES})
-            p.candidates.update({f"max*{r}": qparams(r * p.low, r * p.high, p.dtype, symmetric)
+            p.candidates.update({f"max*{r}": qparams(r * p.low, r * high, p.dtype, symmetric)
                                  for r in CANDIDATE_RATIOS})
         p.scale, p.zero_point = fit(method)
 

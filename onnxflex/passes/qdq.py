@@ -2,21 +2,21 @@
 
 The learned integers are stored as the DequantizeLinear input (INT8, or INT4 at opset 21): never a
 float weight behind a QuantizeLinear, which ORT and TensorRT would re-round, undoing the learning.
+The edits are made with onnx-graphsurgeon: insert nodes, rewire readers, then let its cleanup drop
+the float weights nothing reads any more and its toposort restore a valid order.
 """
 from __future__ import annotations
-
-import logging
 
 import ml_dtypes
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from ..graph import Graph
-from .base import Pass
 from ..onnx_facts import INT4_OPSET, MIN_QDQ_OPSET, cap_ir_version, upgrade_opset
-
-log = logging.getLogger("onnxflex")
+from .base import Pass
 
 
 def _needed_opset(weight_results, act_bits: int) -> int:
@@ -25,76 +25,63 @@ def _needed_opset(weight_results, act_bits: int) -> int:
     return MIN_QDQ_OPSET
 
 
-def _weight_tensor(name: str, q: np.ndarray, bits: int) -> TensorProto:
-    if bits <= 4:
-        return numpy_helper.from_array(q.astype(ml_dtypes.int4), name)
-    return numpy_helper.from_array(q.astype(np.int8), name)
+def _const(name: str, values: np.ndarray) -> gs.Constant:
+    """A constant written exactly as this numpy array (graphsurgeon cannot export INT4 from numpy itself)."""
+    return gs.Constant(name, LazyValues(numpy_helper.from_array(values, name)))
+
+
+def _weight_ints(q: np.ndarray, bits: int) -> np.ndarray:
+    return q.astype(ml_dtypes.int4 if bits <= 4 else np.int8)
+
+
+def _safe(name: str) -> str:
+    return name.replace("/", "_").replace(":", "_")
 
 
 def write_qdq(model: onnx.ModelProto, weight_results: dict, act_points: dict, act_bits: int) -> onnx.ModelProto:
-    """Return a QDQ copy of the prepared FP32 model."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    out = upgrade_opset(out, _needed_opset(weight_results, act_bits),
-                        "INT4 weights / INT16 activations need (or use --weight-bits 8 --act-bits 8)")
-    g = out.graph
-    graph = Graph(out)  # its node objects are the proto's own, so rewiring them edits `out`
-    nodes_by_name = graph.node_by_name
-    new_inits, dq_nodes = [], []
-    replaced = set()
+    """Return a QDQ copy of the prepared FP32 model (the input model is not modified)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    copy = upgrade_opset(copy, _needed_opset(weight_results, act_bits),
+                         "INT4 weights / INT16 activations need (or use --weight-bits 8 --act-bits 8)")
+    graph = gs.import_onnx(copy)
+    tensors = graph.tensors()
+    nodes = {n.name: n for n in graph.nodes}
     for node_name, r in weight_results.items():
-        spec = r.spec
-        node = nodes_by_name[node_name]
-        base = spec.weight if len(graph.consumers.get(spec.weight, [])) == 1 else f"{spec.weight}_{node_name}"
-        q_name, s_name, z_name, dq_out = (f"{base}_quantized", f"{base}_scale", f"{base}_zero_point",
-                                          f"{base}_dequantized")
+        spec, node = r.spec, nodes[node_name]
+        weight = tensors[spec.weight]
+        base = spec.weight if len(weight.outputs) == 1 else f"{spec.weight}_{node_name}"
         scale = np.asarray(r.scale, np.float32)
-        zp = np.zeros(scale.shape, np.int8)
-        new_inits += [_weight_tensor(q_name, r.integers, r.bits), numpy_helper.from_array(scale, s_name),
-                      _weight_tensor(z_name, zp, r.bits)]
-        attrs = {"axis": spec.out_axis} if scale.ndim == 1 else {}
-        dq_nodes.append((node, helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [dq_out],
-                                                name=f"{node_name}_weight_DequantizeLinear", **attrs)))
-        node.input[1] = dq_out
-        replaced.add(spec.weight)
+        deq = gs.Variable(f"{base}_dequantized", dtype=np.float32, shape=weight.shape)
+        graph.nodes.append(gs.Node(
+            "DequantizeLinear", f"{node_name}_weight_DequantizeLinear",
+            attrs={"axis": spec.out_axis} if scale.ndim == 1 else {},
+            inputs=[_const(f"{base}_quantized", _weight_ints(r.integers, r.bits)), _const(f"{base}_scale", scale),
+                    _const(f"{base}_zero_point", _weight_ints(np.zeros(scale.shape, np.int8), r.bits))],
+            outputs=[deq]))
+        node.inputs[1] = deq
 
-    act_nodes = []
-    for t, p in (act_points or {}).items():
+    for t, p in act_points.items():
         if not p.consumers:
             continue
-        safe = t.replace("/", "_").replace(":", "_")
-        s_name, z_name = f"{safe}_act_scale", f"{safe}_act_zero_point"
-        new_inits += [numpy_helper.from_array(np.array(p.scale, np.float32), s_name),
-                      numpy_helper.from_array(np.array(p.zero_point, np.dtype(p.dtype)), z_name)]
-        q = helper.make_node("QuantizeLinear", [t, s_name, z_name], [f"{safe}_quantized"], name=f"{safe}_QuantizeLinear")
-        dq = helper.make_node("DequantizeLinear", [f"{safe}_quantized", s_name, z_name], [f"{safe}_dequantized"],
-                              name=f"{safe}_DequantizeLinear")
+        x, safe = tensors[t], _safe(t)
+        scale, zero = _const(f"{safe}_act_scale", np.array(p.scale, np.float32)), \
+            _const(f"{safe}_act_zero_point", np.array(p.zero_point, np.dtype(p.dtype)))
+        q = gs.Variable(f"{safe}_quantized", dtype=np.dtype(p.dtype), shape=x.shape)
+        deq = gs.Variable(f"{safe}_dequantized", dtype=np.float32, shape=x.shape)
+        graph.nodes += [gs.Node("QuantizeLinear", f"{safe}_QuantizeLinear", inputs=[x, scale, zero], outputs=[q]),
+                        gs.Node("DequantizeLinear", f"{safe}_DequantizeLinear", inputs=[q, scale, zero], outputs=[deq])]
         for c in p.consumers:
-            node = nodes_by_name[c]
-            for k, i in enumerate(node.input):
-                if i == t:
-                    node.input[k] = f"{safe}_dequantized"
-        act_nodes.append((t, q, dq))
+            reader = nodes[c]
+            for k, i in enumerate(reader.inputs):
+                if i is x:
+                    reader.inputs[k] = deq
 
-    # keep a topological order: weight DQ right before its op; activation Q/DQ right after the producer
-    producer = {o: n.name for o, n in graph.producer.items()}
-    weight_dq = {id(n): dq for n, dq in dq_nodes}
-    after = {}
-    for t, q, dq in act_nodes:
-        after.setdefault(producer.get(t), []).extend([q, dq])
-    ordered = list(after.get(None, []))
-    for n in g.node:
-        if id(n) in weight_dq:
-            ordered.append(weight_dq[id(n)])
-        ordered.append(n)
-        ordered.extend(after.get(n.name, []))
-    del g.node[:]
-    g.node.extend(ordered)
-
-    still_used = {i for n in g.node for i in n.input}
-    keep = [t for t in g.initializer if t.name not in replaced or t.name in still_used]
-    del g.initializer[:]
-    g.initializer.extend(keep + new_inits)
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    out = gs.export_onnx(graph, do_type_check=False)
+    for field in ("producer_name", "producer_version", "doc_string", "model_version"):
+        setattr(out, field, getattr(copy, field))
+    out.metadata_props.extend(copy.metadata_props)
     return cap_ir_version(out)
 
 

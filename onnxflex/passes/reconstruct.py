@@ -46,6 +46,15 @@ def determined(graph: Graph, ctx, spec, n: int) -> bool:
     return n * max(1, positions) >= ROWS_PER_INPUT * k
 
 
+def max_scale(point, bits: int) -> float:
+    """The largest step that keeps the grid's top inside the point's limit (a Clip(0, 6) that
+    onnxruntime folds into the Q only while 255 * scale <= 6)."""
+    if not math.isfinite(point.high_limit):
+        return float("inf")
+    top = (2 ** bits - 1 if not point.dtype.startswith("int") else 2 ** (bits - 1) - 1) - point.zero_point
+    return point.high_limit / max(top, 1)
+
+
 def act_owner(regions, points) -> dict:
     """The region where an activation step is learned: the one holding its first quantized reader."""
     owner = {}
@@ -83,7 +92,7 @@ class ReconstructPass(Pass):
         keep_after = needed_after(graph, ctx.regions)
         learn_steps = ctx.method.fit == "adam" and ctx.method.learns_act_steps and cfg.iters > 0 and cfg.act_lr > 0
         act_modules = {t: ActQuantizer(p.scale, cfg.act_bits, learn=learn_steps, zero_point=p.zero_point,
-                                       signed=p.dtype.startswith("int"))
+                                       signed=p.dtype.startswith("int"), max_scale=max_scale(p, cfg.act_bits))
                        for t, p in ctx.act_points.items()}
         owners = act_owner(ctx.regions, ctx.act_points)
         ctx.weight_results, ctx.region_reports = {}, []

@@ -26,7 +26,7 @@ class ActQuantizer(nn.Module):
     """
 
     def __init__(self, scale: float, bits: int = 8, learn: bool = True, eps: float = 1e-12, zero_point: int = 0,
-                 signed: bool = True):
+                 signed: bool = True, max_scale: float = float("inf")):
         super().__init__()
         self.bits = int(bits)
         self.qmin, self.qmax = act_qrange(self.bits) if signed else (0, 2 ** self.bits - 1)
@@ -35,6 +35,7 @@ class ActQuantizer(nn.Module):
         self.zero_point = int(zero_point)
         self.learn = bool(learn)
         self.eps = float(eps)
+        self.max_scale = float(max_scale)  # a learned step never grows past it (a clamp the runtime folds into Q)
         self.enabled = True
         s = torch.tensor(float(scale), dtype=torch.float32)
         if not s > 0:
@@ -48,7 +49,7 @@ class ActQuantizer(nn.Module):
         s = self.step
         if self.learn and s.requires_grad:
             s = grad_scale(s, 1.0 / math.sqrt(max(numel, 1) * self.qmax))
-        return s.clamp_min(self.eps)
+        return s.clamp(self.eps, self.max_scale)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:
@@ -68,7 +69,7 @@ class ActQuantizer(nn.Module):
 
     def scale(self) -> float:
         """Current step as a Python float (written as the QuantizeLinear/DequantizeLinear scale)."""
-        return float(self.step.detach().clamp_min(self.eps))
+        return float(self.step.detach().clamp(self.eps, self.max_scale))
 
     def extra_repr(self) -> str:
         return (f"bits={self.bits}, scale={self.scale():.6g}, zero_point={self.zero_point}, learn={self.learn}, "
