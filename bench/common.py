@@ -49,3 +49,20 @@ def save_results(name: str, head: str, table: list, args, rows: list) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.md").write_text(text)
     (RESULTS / f"{name}.json").write_text(json.dumps(dict(args=vars(args), rows=rows), indent=2))
+
+
+def ort_quantize_static(fp32: str, out: str, calibration, **options) -> float:
+    """onnxruntime.quantization.quantize_static (QDQ, per-channel) on a CalibrationSet, one sample
+    per reader step; ``options`` go to quantize_static. Returns the seconds it took."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(calibration.batches(1))
+
+        def get_next(self):
+            return next(self.it, None)
+
+    t0 = time.perf_counter()
+    quantize_static(fp32, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True, **options)
+    return time.perf_counter() - t0

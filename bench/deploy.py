@@ -27,7 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import machine, run_quantize, save_results  # noqa: E402
+from bench.common import machine, ort_quantize_static, run_quantize, save_results  # noqa: E402
 from bench.flexround_imagenet import pp_flags, preprocess_for  # noqa: E402
 from models.build import IMAGENET_SAMPLE, MODELS  # noqa: E402
 
@@ -158,26 +158,15 @@ class Text:
 
 
 def ort_quantize(fp32: str, out: str, data, act: str, size: int) -> float:
-    """onnxruntime.quantization.quantize_static, QDQ, per-channel int8 weights, `act` activations."""
+    """onnxruntime's quantize_static: QDQ, per-channel int8 weights, `act` (S8S8 | U8S8) activations."""
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import QuantType
 
     from onnxflex.graph import model_input_specs
 
     cal = data.calibration(model_input_specs(onnx.load(fp32, load_external_data=False)), size)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter(cal.batches(1))
-
-        def get_next(self):
-            return next(self.it, None)
-
-    t0 = time.perf_counter()
-    quantize_static(fp32, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8 if act == "U8S8" else QuantType.QInt8,
-                    weight_type=QuantType.QInt8)
-    return time.perf_counter() - t0
+    return ort_quantize_static(fp32, out, cal, weight_type=QuantType.QInt8,
+                               activation_type=QuantType.QUInt8 if act == "U8S8" else QuantType.QInt8)
 
 
 def main():

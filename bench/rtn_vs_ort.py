@@ -26,26 +26,18 @@ from models.build import IMAGENET_SAMPLE, MODELS  # noqa: E402
 
 def _ort_quantize(fp32, out, calib_size, name, bits, q):
     import onnx
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_static)
+    from onnxruntime.quantization import QuantType
 
-    from onnxflex.api import model_input_specs
+    from bench.common import ort_quantize_static
     from onnxflex.calib import load_calibration
+    from onnxflex.graph import model_input_specs
 
     cal = load_calibration(str(IMAGENET_SAMPLE / "calib"), model_input_specs(onnx.load(fp32)), size=calib_size,
                            preprocess=preprocess_for(name))
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter(cal.batches(1))
-
-        def get_next(self):
-            return next(self.it, None)
-
-    t0 = time.perf_counter()
-    quantize_static(fp32, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt4 if bits == 4 else QuantType.QInt8,
-                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
-    q.put((time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+    secs = ort_quantize_static(fp32, out, cal, activation_type=QuantType.QInt8,
+                               weight_type=QuantType.QInt4 if bits == 4 else QuantType.QInt8,
+                               extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+    q.put((secs, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
 
 
 def _onnxflex_quantize(fp32, out, calib_size, name, bits, calib_method, q):

@@ -24,7 +24,6 @@ from typing import Callable
 from .context import ActPoint
 from .errors import OnnxflexError
 from .graph import Graph
-from .onnx_facts import MAX_QDQ_OPSET, MIN_QDQ_OPSET
 from .traits import ModelTraits
 
 # ops ORT-CPU runs as integer kernels when every input comes from a DQ and the output goes to a Q
@@ -134,8 +133,6 @@ class Target:
     placement: Callable[[Graph, ModelTraits, set, PlacementOptions], dict]
     act_symmetric: bool  # zero point 0 (TensorRT) or one per tensor (onnxruntime CPU)
     act_signed: bool  # int8 (True) or uint8 activations at 8 bits
-    min_opset: int = MIN_QDQ_OPSET
-    max_opset: int = MAX_QDQ_OPSET
 
     def act_dtype(self, bits: int) -> str:
         if bits == 16:
@@ -150,7 +147,8 @@ class Target:
         return points
 
     def check(self, model) -> list:
-        """The target's static rule check on a written QDQ model (errors and warnings)."""
+        """The target's static rule check on a written QDQ model (errors and warnings), opset and IR
+        bounds included (onnx_facts)."""
         from .checks.tensorrt import check_qdq_model
 
         return check_qdq_model(model, self.name)

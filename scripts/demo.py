@@ -16,9 +16,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.deploy import cpu_flags, latencies  # noqa: E402
 from models.efficientnet_lite import build_efficientnet_lite0  # noqa: E402
 from onnxflex import QuantConfig, quantize  # noqa: E402
 from onnxflex.calib import make_preprocess, synthetic_image_calibration  # noqa: E402
+from onnxflex.runtime.evaluate import evaluate  # noqa: E402
 from onnxflex.runtime.metrics import sqnr_db, top1_agreement  # noqa: E402
 from onnxflex.runtime.session import make_session  # noqa: E402
 
@@ -54,7 +56,6 @@ def main():
 
     val = None
     if (SHARED_VAL / "labels.csv").exists():
-        from onnxflex.runtime.evaluate import evaluate
         val = lambda m: evaluate(str(m), str(SHARED_VAL), preprocess=pp)  # noqa: E731
 
     runs = [("rtn", 8, 8), ("rtn", 4, 8), ("flexround", 4, 8)]
@@ -73,12 +74,30 @@ def main():
                      f"{secs:.0f}", top1, f"{res.summary['peak_rss_mb']:.0f}"))
         print(res.format_table(), flush=True)
 
+    # the same method for onnxruntime's CPU provider, run as deployed (its default optimisations)
+    path = out / "lite0_flexround_w8a8_ort_cpu.onnx"
+    t0 = time.perf_counter()
+    res = quantize(str(fp32), str(path), [{"input": calib}],
+                   QuantConfig(method="flexround", weight_bits=8, act_bits=8, preset="fast", target="ort-cpu"))
+    secs = time.perf_counter() - t0
+    y = run(make_session(str(path), optimization="all"), held_out)
+    top1 = f"{evaluate(str(path), str(SHARED_VAL), preprocess=pp, optimization='all').top1 * 100:.1f}" if val else "n/a"
+    rows.append(("flexround W8A8 cpu", f"{top1_agreement(ref, y) * 100:.1f}", f"{sqnr_db(ref, y):.1f}",
+                 f"{secs:.0f}", top1, f"{res.summary['peak_rss_mb']:.0f}"))
+    lat = latencies({"fp32": str(fp32), "int8": str(path)}, {1: {"input": held_out[:1]}, 32: {"input": held_out[:32]}},
+                    runs=15)
+
     print()
     print(f"EfficientNet-Lite0, calibration: {args.calib} scikit-image crops, evaluation: {args.eval} other crops"
           + (f" + top-1 on {SHARED_VAL}" if val else ""))
     print(f"{'model':<18} {'agree%':>7} {'SQNR dB':>8} {'quant s':>8} {'top-1%':>7} {'peak MB':>8}")
     for r in rows:
         print(f"{r[0]:<18} {r[1]:>7} {r[2]:>8} {r[3]:>8} {r[4]:>7} {r[5]:>8}")
+    print("(the last row is --target ort-cpu, run as deployed: onnxruntime CPU, default optimisations)")
+    print(f"onnxruntime CPU latency, median of 15 runs, 2 threads ({cpu_flags()}):")
+    for b in (1, 32):
+        print(f"  batch {b:>2}: FP32 {lat[('fp32', b)]:.1f} ms, ort-cpu W8A8 {lat[('int8', b)]:.1f} ms "
+              f"({lat[('fp32', b)] / lat[('int8', b)]:.2f}x)")
     print(f"\nmodels written under {out}/; reproduce with `make demo`")
 
 
