@@ -56,6 +56,7 @@ class ActPoint:
     low: float = float("inf")  # observed FP32 range on the calibration set
     high: float = float("-inf")
     high_limit: float = float("inf")  # the grid's top must stay at or below this (a Clip the runtime folds into the Q)
+    same_as: str = ""  # another point whose scale and zero point this one shares (through a Reshape, MaxPool...)
     candidates: dict = field(default_factory=dict)  # method -> (scale, zero point), chosen by region error
 
 

@@ -157,6 +157,9 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     large = not fits_in_protobuf(model)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the output gets the mode any new file would
     try:
         if large:
             data_name = path.name + ".data"

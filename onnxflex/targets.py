@@ -31,6 +31,9 @@ from .traits import ModelTraits
 ORT_INT8_OPS = ("Add", "Mul", "GlobalAveragePool", "AveragePool", "Concat", "Sigmoid")
 # element-wise clamps that onnxruntime removes when the Q after them saturates inside their range
 FOLDED_INTO_Q = ("Relu", "Clip")
+# ops that move int8 values without changing them: onnxruntime drops DQ -> op -> Q around them when
+# both Q/DQ share scale and zero point, so the op runs on the integer tensor
+PASS_THROUGH = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "MaxPool")
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,11 @@ def ort_cpu_points(graph: Graph, traits: ModelTraits, quantize: set, opts: Place
                 for i in ins:
                     add(i, n)
                 quantize_output(n)
+    for n in graph.nodes:  # a Reshape/MaxPool between two points: one set of qparams, so it runs on int8
+        if n.op_type in PASS_THROUGH and n.input[0] in points and n.output[0] in points:
+            src = points[n.input[0]]
+            points[n.output[0]].same_as = src.same_as or src.tensor
+            add(n.input[0], n)
     return points
 
 
@@ -133,6 +141,7 @@ class Target:
     placement: Callable[[Graph, ModelTraits, set, PlacementOptions], dict]
     act_symmetric: bool  # zero point 0 (TensorRT) or one per tensor (onnxruntime CPU)
     act_signed: bool  # int8 (True) or uint8 activations at 8 bits
+    int32_bias: bool = False  # Gemm bias as int32 behind a DQ (scale = input scale x weight scale)
 
     def act_dtype(self, bits: int) -> str:
         if bits == 16:
@@ -162,7 +171,7 @@ TARGETS = {
     # than FP32); with uint8 all 49 convs, 9 Adds, the pool and the FC run as integer kernels
     "ort-cpu": Target("ort-cpu", "onnxruntime CPU: DQ -> op -> Q around every quantized op (its int8 kernels), "
                       "asymmetric uint8 activations, int8 weights (U8S8)", ort_cpu_points, act_symmetric=False,
-                      act_signed=False),
+                      act_signed=False, int32_bias=True),  # QGemm needs it; a float bias keeps the Gemm float
 }
 
 

@@ -209,3 +209,18 @@ def test_inspect_shows_the_regions_quantize_uses(tiny_cnn, images, tmp_path):
     shown = _invoke(["inspect", str(tiny_cnn), "--device", "cpu"])
     assert shown.exit_code == 0, shown.output
     assert f"{regions} regions (auto -> layer" in shown.output
+
+
+def test_output_file_mode_follows_the_umask(tiny_cnn, images, tmp_path):
+    import os
+    import stat
+
+    out = tmp_path / "q.onnx"
+    old = os.umask(0o022)
+    try:
+        res = _invoke(["quantize", str(tiny_cnn), "--calib", str(images), "-o", str(out), "--method", "rtn",
+                       "--act-bits", "0", "--size", "16", "-q"])
+    finally:
+        os.umask(old)
+    assert res.exit_code == 0, res.output
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644

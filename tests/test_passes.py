@@ -280,3 +280,35 @@ def test_ort_cpu_keeps_matmul_outputs_float_and_limits_clipped_ranges():
 
     assert max_scale(pts["r0"], 8) == pytest.approx(6.0 / 255)
     assert ActQuantizer(1.0, 8, signed=False, max_scale=6.0 / 255).scale() == pytest.approx(6.0 / 255)
+
+
+def test_ort_cpu_shares_qparams_through_reshape_and_writes_an_int32_gemm_bias():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 6, 6])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])
+    shape = numpy_helper.from_array(np.array([-1, 4], np.int64), "shape")
+    bias = numpy_helper.from_array(np.array([0.5, -0.25, 1.0], np.float32), "b")
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], name="conv0"),
+             helper.make_node("Relu", ["c0"], ["r0"], name="relu0"),
+             helper.make_node("GlobalAveragePool", ["r0"], ["p"], name="gap"),
+             helper.make_node("Reshape", ["p", "shape"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "w1", "b"], ["y"], name="fc", transB=1)]
+    m = _model(nodes, [_w("w0", (4, 4, 1, 1)), _w("w1", (3, 4)), shape, bias], [x], [y])
+    g = Graph(m)
+    pts = get_target("ort-cpu").act_points(g, ModelTraits.of(g), {"conv0", "fc"}, PlacementOptions(), 8)
+    assert pts["f"].same_as == "p" and pts["f"].consumers == {"fc"}
+    feeds = [{"x": np.random.default_rng(0).standard_normal((8, 4, 6, 6)).astype(np.float32)}]
+    calibrate_points(m, pts, feeds, "minmax", symmetric=False)
+    assert (pts["f"].scale, pts["f"].zero_point) == (pts["p"].scale, pts["p"].zero_point)
+    from onnxflex.context import WeightResult
+
+    spec = g.weight_spec(g.node_by_name["fc"])
+    w_scale = np.full(3, 0.01, np.float32)
+    res = {"fc": WeightResult(spec, np.ones((3, 4), np.int32), w_scale, 8)}
+    out = write_qdq(m, res, pts, 8, int32_bias=True)
+    inits = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    b_q = next(v for k, v in inits.items() if k.endswith("bias_quantized"))
+    assert b_q.dtype == np.int32
+    np.testing.assert_allclose(b_q * pts["f"].scale * w_scale, [0.5, -0.25, 1.0], atol=pts["f"].scale * 0.01)
+    fc = next(n for n in out.graph.node if n.op_type == "Gemm")
+    assert fc.input[2].endswith("bias_dequantized")
+    onnx.checker.check_model(out)

@@ -117,6 +117,10 @@ def calibrate_points(model: onnx.ModelProto, points: dict[str, ActPoint], batche
             p.candidates.update({f"max*{r}": qparams(r * p.low, r * high, p.dtype, symmetric)
                                  for r in CANDIDATE_RATIOS})
         p.scale, p.zero_point = fit(method)
+    for p in points.values():  # shared qparams are the source's (its range covers the same values)
+        if p.same_as:
+            src = points[p.same_as]
+            p.scale, p.zero_point, p.candidates = src.scale, src.zero_point, {}
 
 
 def resolve_calib_method(method: str, attention: bool) -> str:

@@ -38,8 +38,12 @@ def _safe(name: str) -> str:
     return name.replace("/", "_").replace(":", "_")
 
 
-def write_qdq(model: onnx.ModelProto, weight_results: dict, act_points: dict, act_bits: int) -> onnx.ModelProto:
-    """Return a QDQ copy of the prepared FP32 model (the input model is not modified)."""
+def write_qdq(model: onnx.ModelProto, weight_results: dict, act_points: dict, act_bits: int,
+              int32_bias: bool = False) -> onnx.ModelProto:
+    """Return a QDQ copy of the prepared FP32 model (the input model is not modified).
+
+    int32_bias: a Gemm whose input is quantized gets its bias as int32 behind a DQ with scale
+    input scale x weight scale (onnxruntime's CPU provider fuses such a Gemm into QGemm only then)."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     copy = upgrade_opset(copy, _needed_opset(weight_results, act_bits),
@@ -60,6 +64,18 @@ def write_qdq(model: onnx.ModelProto, weight_results: dict, act_points: dict, ac
                     _const(f"{base}_zero_point", _weight_ints(np.zeros(scale.shape, np.int8), r.bits))],
             outputs=[deq]))
         node.inputs[1] = deq
+        point = act_points.get(spec.data_input)
+        if int32_bias and spec.op_type == "Gemm" and spec.bias and point is not None and node_name in point.consumers:
+            bias = tensors[spec.bias]
+            b_scale = (np.float32(point.scale) * scale).astype(np.float32)
+            b_q = np.round(np.asarray(bias.values, np.float32) / b_scale).astype(np.int32)
+            b_deq = gs.Variable(f"{base}_bias_dequantized", dtype=np.float32, shape=bias.shape)
+            graph.nodes.append(gs.Node(
+                "DequantizeLinear", f"{node_name}_bias_DequantizeLinear", attrs={"axis": 0} if b_scale.ndim == 1 else {},
+                inputs=[_const(f"{base}_bias_quantized", b_q), _const(f"{base}_bias_scale", b_scale),
+                        _const(f"{base}_bias_zero_point", np.zeros(b_scale.shape, np.int32))],
+                outputs=[b_deq]))
+            node.inputs[2] = b_deq
 
     for t, p in act_points.items():
         if not p.consumers:
@@ -91,5 +107,6 @@ class QDQPass(Pass):
     name = "qdq"
 
     def run(self, graph: Graph, ctx) -> Graph:
-        ctx.qdq_model = write_qdq(graph.model, ctx.weight_results, ctx.act_points, ctx.config.act_bits)
+        ctx.qdq_model = write_qdq(graph.model, ctx.weight_results, ctx.act_points, ctx.config.act_bits,
+                                  int32_bias=ctx.target.int32_bias)
         return Graph(ctx.qdq_model)

@@ -93,8 +93,10 @@ class ReconstructPass(Pass):
         learn_steps = ctx.method.fit == "adam" and ctx.method.learns_act_steps and cfg.iters > 0 and cfg.act_lr > 0
         act_modules = {t: ActQuantizer(p.scale, cfg.act_bits, learn=learn_steps, zero_point=p.zero_point,
                                        signed=p.dtype.startswith("int"), max_scale=max_scale(p, cfg.act_bits))
-                       for t, p in ctx.act_points.items()}
-        owners = act_owner(ctx.regions, ctx.act_points)
+                       for t, p in ctx.act_points.items() if not p.same_as}
+        act_modules.update({t: act_modules[p.same_as] for t, p in ctx.act_points.items() if p.same_as})
+        # a point that shares another's qparams is learned where that one is
+        owners = act_owner(ctx.regions, {t: p for t, p in ctx.act_points.items() if not p.same_as})
         ctx.weight_results, ctx.region_reports = {}, []
         bar = progress_bar(total=len(ctx.regions), desc="regions", unit="region", enable=cfg.progress)
         try:
