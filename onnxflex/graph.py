@@ -37,6 +37,7 @@ class WeightSpec:
     data_input: str  # the activation tensor the op multiplies with the weight
     out_axis: int  # output-channel axis of the weight (per-channel scale axis)
     in_axis: int  # input-channel axis of the weight
+    weight_input: int = 1  # which input of the node the weight is (0 for a Gather's table)
 
 
 class Graph:

@@ -142,6 +142,7 @@ class Target:
     act_symmetric: bool  # zero point 0 (TensorRT) or one per tensor (onnxruntime CPU)
     act_signed: bool  # int8 (True) or uint8 activations at 8 bits
     int32_bias: bool = False  # Gemm bias as int32 behind a DQ (scale = input scale x weight scale)
+    int8_tables: bool = False  # embedding tables read by Gather as int8 behind a DQ (weight-only, per row)
 
     def act_dtype(self, bits: int) -> str:
         if bits == 16:
@@ -171,7 +172,7 @@ TARGETS = {
     # than FP32); with uint8 all 49 convs, 9 Adds, the pool and the FC run as integer kernels
     "ort-cpu": Target("ort-cpu", "onnxruntime CPU: DQ -> op -> Q around every quantized op (its int8 kernels), "
                       "asymmetric uint8 activations, int8 weights (U8S8)", ort_cpu_points, act_symmetric=False,
-                      act_signed=False, int32_bias=True),  # QGemm needs it; a float bias keeps the Gemm float
+                      act_signed=False, int32_bias=True, int8_tables=True),  # QGemm needs the int32 bias
 }
 
 

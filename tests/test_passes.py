@@ -312,3 +312,22 @@ def test_ort_cpu_shares_qparams_through_reshape_and_writes_an_int32_gemm_bias():
     fc = next(n for n in out.graph.node if n.op_type == "Gemm")
     assert fc.input[2].endswith("bias_dequantized")
     onnx.checker.check_model(out)
+
+
+def test_ort_cpu_stores_embedding_tables_as_int8_rows():
+    from onnxflex.passes.qdq import table_results
+
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 5])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5, 16])
+    table = numpy_helper.from_array(np.random.default_rng(0).standard_normal((100, 16)).astype(np.float32), "emb")
+    m = _model([helper.make_node("Gather", ["emb", "ids"], ["y"], name="lookup")], [table], [ids], [y])
+    g = Graph(m)
+    res = table_results(g)
+    assert list(res) == ["lookup"] and res["lookup"].scale.shape == (100,)
+    out = write_qdq(m, res, {}, 8)
+    assert {t.name: t.data_type for t in out.graph.initializer}["emb_quantized"] == TensorProto.INT8
+    feed = {"ids": np.array([[0, 5, 99, 3, 3]], np.int64)}
+    ref = make_session(m).run(["y"], feed)[0]
+    got = make_session(out).run(["y"], feed)[0]
+    step = numpy_helper.to_array(table).__abs__().max(axis=1)[[0, 5, 99, 3, 3]] / 127
+    assert np.all(np.abs(got - ref) <= step[None, :, None] / 2 + 1e-6)
