@@ -19,6 +19,7 @@ import torch
 from ..context import RegionReport, WeightResult
 from ..graph import Graph
 from ..lift.region import RegionModule
+from ..methods import get_method
 from ..progress import progress_bar
 from ..quantizers.activation import ActQuantizer
 from ..reconstruction.fit import gram_applicable, gram_stats, train_direct, train_gram
@@ -132,6 +133,7 @@ class RegionRun:
         self.act_quant = {t: m for t, m in act_modules.items() if ctx.act_points[t].consumers & names}
         self.own_acts = {t: m for t, m in self.act_quant.items() if owners.get(t) == region.index}
         self.first_last = self._first_last(graph)
+        self.rtn = get_method("rtn")  # the baseline every region is judged against
 
     @staticmethod
     def _first_last(graph) -> set:
@@ -159,10 +161,7 @@ class RegionRun:
                 for w, ok in zip(self.region.weights, learnable)]
 
     def run(self) -> RegionReport:
-        from ..methods import get_method
-
         graph, ctx, region, streams, cfg = self.graph, self.ctx, self.region, self.streams, self.cfg
-        self.rtn = get_method("rtn")
         rep = RegionReport(region.index, region.name, region.kind, len(region.nodes),
                            [w.node for w in region.weights], "none")
         n = streams.n
