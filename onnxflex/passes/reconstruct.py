@@ -204,7 +204,7 @@ class RegionRun:
         elif active and method.fit == "solve" and not gram_applicable(graph, region):
             rep.status = f"rtn: {method.name} needs a one-op region"
         elif active:
-            learned = self.fit(method, learnable, y_fp, y_fp_all, rep)
+            learned = self.fit(method, learnable, y_fp, y_fp_all, rep, held)
             rep.learned_mse = region_mse(self.build(learned), streams.q, region.inputs, y_fp, held, self.batch,
                                          self.device, streams.mask)
             if not math.isfinite(rep.learned_mse):
@@ -223,7 +223,7 @@ class RegionRun:
         streams.store(y_fp, y_q)
         return rep
 
-    def fit(self, method, learnable, y_fp, y_fp_all, rep) -> list:
+    def fit(self, method, learnable, y_fp, y_fp_all, rep, held) -> list:
         """The method's fit: Adam on the Gram form or on real passes, or a closed-form solve."""
         graph, region, streams, cfg, device = self.graph, self.region, self.streams, self.cfg, self.device
         learned = self.quantizers(method, learnable)
@@ -241,8 +241,17 @@ class RegionRun:
                 stats = gram_stats(graph, spec, act, streams, y_fp_all[graph.node_by_name[spec.node].output[0]],
                                    min(cfg.batch_size, streams.n_train), drop, rng, gen, device)
                 if method.fit == "solve":
+                    # with and without the input-error correction; the held-out samples choose
                     rep.loss_form = "closed-form"
-                    learned[0].solve(sum(stats[1:], stats[0]))
+                    total = sum(stats[1:], stats[0])
+                    errs = {}
+                    for corr in (True, False):
+                        learned[0].solve(total, correct_inputs=corr)
+                        errs[corr] = region_mse(self.build(learned), streams.q, region.inputs, y_fp, held, self.batch,
+                                                device, streams.mask)
+                    best = min(errs, key=errs.get)
+                    learned[0].solve(total, correct_inputs=best)
+                    rep.loss_form = "closed-form" + ("" if best else " (classic)")
                 else:
                     rep.loss_form = "gram"
                     train_gram(graph, spec, learned[0], stats, cfg, method.per_sample_loss, desc, device)
