@@ -232,9 +232,7 @@ def main():
         rows.append(dict(row=k, **r))
         vals = []
         for c in cols:
-            v = r.get(c) if c != "MB" else r["mb"]
-            c = "kernels" if c.startswith("integer") else c
-            v = r.get("kernels") if c == "kernels" else v
+            v = r.get({"MB": "mb", "integer kernels ORT ran": "kernels"}.get(c, c))
             vals.append("-" if v is None else (f"{v:.4f}" if c.startswith("cosine") else
                                                f"{v:.2f}" if isinstance(v, float) else str(v)))
         table.append(f"| {k} | " + " | ".join(vals) + " |")

@@ -36,6 +36,18 @@ def _weight_ints(q: np.ndarray, bits: int) -> np.ndarray:
     return q.astype(ml_dtypes.int4 if bits <= 4 else np.int8)
 
 
+def _dequantize(graph: gs.Graph, name: str, base: str, q: np.ndarray, scale: np.ndarray, zero: np.ndarray,
+                axis: int, shape) -> gs.Variable:
+    """Append DequantizeLinear(base_quantized, base_scale, base_zero_point) for a constant; per-axis
+    when the scale is a vector. Returns its output."""
+    out = gs.Variable(f"{base}_dequantized", dtype=np.float32, shape=shape)
+    graph.nodes.append(gs.Node(
+        "DequantizeLinear", name, attrs={"axis": axis} if scale.ndim == 1 else {},
+        inputs=[_const(f"{base}_quantized", q), _const(f"{base}_scale", scale), _const(f"{base}_zero_point", zero)],
+        outputs=[out]))
+    return out
+
+
 def _safe(name: str) -> str:
     return name.replace("/", "_").replace(":", "_")
 
@@ -58,26 +70,16 @@ def write_qdq(model: onnx.ModelProto, weight_results: dict, act_points: dict, ac
         weight = tensors[spec.weight]
         base = spec.weight if len(weight.outputs) == 1 else f"{spec.weight}_{node_name}"
         scale = np.asarray(r.scale, np.float32)
-        deq = gs.Variable(f"{base}_dequantized", dtype=np.float32, shape=weight.shape)
-        graph.nodes.append(gs.Node(
-            "DequantizeLinear", f"{node_name}_weight_DequantizeLinear",
-            attrs={"axis": spec.out_axis} if scale.ndim == 1 else {},
-            inputs=[_const(f"{base}_quantized", _weight_ints(r.integers, r.bits)), _const(f"{base}_scale", scale),
-                    _const(f"{base}_zero_point", _weight_ints(np.zeros(scale.shape, np.int8), r.bits))],
-            outputs=[deq]))
-        node.inputs[spec.weight_input] = deq
+        node.inputs[spec.weight_input] = _dequantize(
+            graph, f"{node_name}_weight_DequantizeLinear", base, _weight_ints(r.integers, r.bits), scale,
+            _weight_ints(np.zeros(scale.shape, np.int8), r.bits), spec.out_axis, weight.shape)
         point = act_points.get(spec.data_input)
         if int32_bias and spec.op_type == "Gemm" and spec.bias and point is not None and node_name in point.consumers:
             bias = tensors[spec.bias]
             b_scale = (np.float32(point.scale) * scale).astype(np.float32)
             b_q = np.round(np.asarray(bias.values, np.float32) / b_scale).astype(np.int32)
-            b_deq = gs.Variable(f"{base}_bias_dequantized", dtype=np.float32, shape=bias.shape)
-            graph.nodes.append(gs.Node(
-                "DequantizeLinear", f"{node_name}_bias_DequantizeLinear", attrs={"axis": 0} if b_scale.ndim == 1 else {},
-                inputs=[_const(f"{base}_bias_quantized", b_q), _const(f"{base}_bias_scale", b_scale),
-                        _const(f"{base}_bias_zero_point", np.zeros(b_scale.shape, np.int32))],
-                outputs=[b_deq]))
-            node.inputs[2] = b_deq
+            node.inputs[2] = _dequantize(graph, f"{node_name}_bias_DequantizeLinear", f"{base}_bias", b_q, b_scale,
+                                         np.zeros(b_scale.shape, np.int32), 0, bias.shape)
 
     for t, p in act_points.items():
         if not p.consumers:

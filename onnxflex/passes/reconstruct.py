@@ -98,12 +98,14 @@ class ReconstructPass(Pass):
         act_modules.update({t: act_modules[p.same_as] for t, p in ctx.act_points.items() if p.same_as})
         # a point that shares another's qparams is learned where that one is
         owners = act_owner(ctx.regions, {t: p for t, p in ctx.act_points.items() if not p.same_as})
+        ws = graph.weighted_nodes()
+        first_last = {ws[0].node, ws[-1].node} if ws else set()  # kept at --first-last-bits
         ctx.weight_results, ctx.region_reports = {}, []
         bar = progress_bar(total=len(ctx.regions), desc="regions", unit="region", enable=cfg.progress)
         try:
             for region in ctx.regions:
                 t0 = time.perf_counter()
-                rep = RegionRun(graph, ctx, region, streams, act_modules, owners, device).run()
+                rep = RegionRun(graph, ctx, region, streams, act_modules, owners, first_last, device).run()
                 rep.seconds = time.perf_counter() - t0
                 ctx.region_reports.append(rep)
                 streams.keep_only(keep_after[region.index])
@@ -125,20 +127,15 @@ class RegionRun:
     """One region: FP targets from ORT, RTN baseline, the method's fit, the held-out judgement, and
     the region's quantized outputs pushed onto the Q stream."""
 
-    def __init__(self, graph, ctx, region, streams, act_modules, owners, device):
+    def __init__(self, graph, ctx, region, streams, act_modules, owners, first_last, device):
         self.graph, self.ctx, self.region, self.streams, self.device = graph, ctx, region, streams, device
         self.cfg = ctx.config
         self.batch = max(self.cfg.batch_size, 32)
         names = {nd.name for nd in region.nodes}
         self.act_quant = {t: m for t, m in act_modules.items() if ctx.act_points[t].consumers & names}
         self.own_acts = {t: m for t, m in self.act_quant.items() if owners.get(t) == region.index}
-        self.first_last = self._first_last(graph)
+        self.first_last = first_last
         self.rtn = get_method("rtn")  # the baseline every region is judged against
-
-    @staticmethod
-    def _first_last(graph) -> set:
-        ws = graph.weighted_nodes()
-        return {ws[0].node, ws[-1].node} if ws else set()
 
     def bits(self, spec) -> int:
         cfg = self.cfg
@@ -245,12 +242,13 @@ class RegionRun:
                     rep.loss_form = "closed-form"
                     total = sum(stats[1:], stats[0])
                     errs = {}
-                    for corr in (True, False):
+                    for corr in (False, True):
                         learned[0].solve(total, correct_inputs=corr)
                         errs[corr] = region_mse(self.build(learned), streams.q, region.inputs, y_fp, held, self.batch,
                                                 device, streams.mask)
-                    best = min(errs, key=errs.get)
-                    learned[0].solve(total, correct_inputs=best)
+                    best = min(errs, key=lambda c: (errs[c], not c))  # a tie keeps the corrected solve
+                    if not best:  # the last solve was the corrected one
+                        learned[0].solve(total, correct_inputs=False)
                     rep.loss_form = "closed-form" + ("" if best else " (classic)")
                 else:
                     rep.loss_form = "gram"

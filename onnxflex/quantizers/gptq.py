@@ -31,7 +31,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .gram import GramStats
+from .gram import GramStats, out_by_in
 from .grid import WeightQuantizer
 
 
@@ -168,7 +168,7 @@ class GPTQQuantizer(WeightQuantizer):
         """
         if self.out_axis is None:
             raise ValueError("GPTQ needs the weight's output axis to lay it out as [Cout, K]")
-        return w.movedim(self.out_axis, 0).reshape(w.shape[self.out_axis], -1)
+        return out_by_in(w, self.out_axis)
 
     def from_out_by_in(self, w2d: Tensor) -> Tensor:
         """Inverse of ``out_by_in``."""

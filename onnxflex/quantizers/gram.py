@@ -62,6 +62,12 @@ class GramStats:
                          self.count, self.samples)
 
 
+def out_by_in(w: Tensor, out_axis: int) -> Tensor:
+    """A weight-shaped tensor as [Cout, K], the layout of G and C: the output-channel axis first,
+    the rest flattened (Conv [Cout, Cin/g, kh, kw] -> reshape; MatMul [K, N] -> transpose)."""
+    return w.movedim(out_axis, 0).reshape(w.shape[out_axis], -1)
+
+
 def _pad4(padding: Union[int, Sequence[int]], nd: int) -> Tuple[int, ...]:
     """Padding as F.pad's tuple (last dim first): 2-D (l, r, t, b), 1-D (l, r)."""
     if isinstance(padding, int):

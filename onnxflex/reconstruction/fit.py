@@ -80,13 +80,6 @@ def train_direct(module, region, quantizers, own_acts, streams, y_fp, cfg, per_s
 
 # ----------------------------------------------------------------------------- Gram form
 
-def out_by_in(w: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
-    """Weight as [Cout, K] (the Gram form's layout)."""
-    if spec.op_type == "Conv":
-        return w.reshape(w.shape[0], -1)
-    return w if spec.out_axis == 0 else w.t()
-
-
 def conv_geometry(node, x_shape, w_shape):
     a = node_attrs(node)
     k = list(w_shape[2:])
@@ -152,7 +145,7 @@ def gram_stats(graph: Graph, spec: WeightSpec, act, streams, y_lin: np.ndarray, 
             geo = conv_geometry(node, tuple(x.shape), tuple(w.shape))
             stats.append(gram_mod.conv_gram(x, w, b, y, **geo, accum_dtype=torch.float32))
         else:
-            st = gram_mod.linear_gram(x, out_by_in(w, spec), b, y, accum_dtype=torch.float32)
+            st = gram_mod.linear_gram(x, gram_mod.out_by_in(w, spec.out_axis), b, y, accum_dtype=torch.float32)
             st.samples = len(idx)
             stats.append(st)
     return stats
@@ -164,6 +157,6 @@ def train_gram(graph: Graph, spec: WeightSpec, quantizer, stats: list, cfg, per_
     data = gram_mod.gram_sample_loss if per_sample else gram_mod.gram_mse
 
     def batch_loss(it):
-        return data(stats[it % len(stats)], out_by_in(quantizer() - w, spec))
+        return data(stats[it % len(stats)], gram_mod.out_by_in(quantizer() - w, spec.out_axis))
 
     fit([quantizer], [], batch_loss, cfg.iters, cfg.lr, cfg.act_lr, desc, cfg.progress)
