@@ -114,6 +114,10 @@ def _run_summary(ctx: Context, seconds: float) -> dict:
         target=cfg.target, region_mode=cfg.regions if cfg.regions != "auto" else f"auto:{ctx.region_mode}",
         pass_seconds=dict(ctx.pass_seconds),
     )
+    if ctx.notes:
+        summary["notes"] = list(ctx.notes)
+    if ctx.batching is not None and ctx.batching.locked_unit:
+        summary["locked_batch"] = f"{ctx.batching.locked_unit} sample(s) at a time: {ctx.batching.reason}"
     if ctx.device == "cuda":
         import torch
 

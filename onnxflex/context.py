@@ -17,6 +17,7 @@ from .traits import ModelTraits
 
 if TYPE_CHECKING:
     from .config import QuantConfig
+    from .layout import Batching
     from .methods import Method
     from .targets import Target
 
@@ -107,6 +108,7 @@ class Context:
     device: str = "cpu"
     quantize_nodes: set = field(default_factory=set)
     tensor_sizes: dict = field(default_factory=dict)
+    batching: Optional[Batching] = None  # each tensor's batch layout (partition's probe)
     regions: list = field(default_factory=list)
     region_mode: str = ""  # layer | block, as resolved from the config (auto) by the partition pass
     act_points: dict = field(default_factory=dict)
@@ -117,4 +119,5 @@ class Context:
     qdq_model: Optional[onnx.ModelProto] = None
     summary: dict = field(default_factory=dict)  # measured by the validate pass
     violations: list = field(default_factory=list)  # the target's rule check
+    notes: list = field(default_factory=list)  # report lines: what stays FP32 and why, beyond the region table
     pass_seconds: dict = field(default_factory=dict)  # pass name -> wall time

@@ -40,6 +40,38 @@ class WeightSpec:
     weight_input: int = 1  # which input of the node the weight is (0 for a Gather's table)
 
 
+def implicit_inputs(node: onnx.NodeProto) -> list[str]:
+    """Outer-scope tensors that an If/Loop/Scan body reads: ONNX lists them nowhere on the node, yet
+    the node depends on them like on its inputs."""
+    out: list[str] = []
+
+    def visit(g: onnx.GraphProto, bound: set) -> None:
+        bound = bound | {i.name for i in g.input} | {t.name for t in g.initializer}
+        for n in g.node:
+            for t in n.input:
+                if t and t not in bound and t not in out:
+                    out.append(t)
+            for a in n.attribute:
+                for sg in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                    visit(sg, bound)
+            bound |= set(n.output)
+        for o in g.output:
+            if o.name not in bound and o.name not in out:
+                out.append(o.name)
+
+    for a in node.attribute:
+        for sg in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+            visit(sg, set())
+    return out
+
+
+def reads(node: onnx.NodeProto) -> list[str]:
+    """Every tensor a node depends on: its inputs, then what its subgraphs read from outside."""
+    extra = implicit_inputs(node) if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                                         for a in node.attribute) else []
+    return list(node.input) + [t for t in extra if t not in node.input]
+
+
 class Graph:
     """Producers, consumers and constants of a model, in the model's (topological) node order."""
 
@@ -55,7 +87,7 @@ class Graph:
             for o in n.output:
                 if o:
                     self.producer[o] = n
-            for i in n.input:
+            for i in reads(n):
                 if i:
                     self.consumers.setdefault(i, []).append(n)
         self.input_names = [i.name for i in g.input if i.name not in self.initializers]
@@ -118,7 +150,7 @@ def model_input_specs(model: onnx.ModelProto) -> dict:
             continue
         tt = i.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or None)
-                for d in tt.shape.dim]
+                for d in tt.shape.dim] if tt.HasField("shape") else None  # None: rank unknown (not a scalar)
         specs[i.name] = (dims, onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
     return specs
 

@@ -24,6 +24,9 @@ def format_region_table(regions, summary: dict) -> str:
             "torch_vs_ort_sqnr_db", "rule_violations", "seconds", "peak_rss_mb"]
     lines.append("")
     lines.append("  ".join(f"{k}={summary[k]}" for k in keys if k in summary))
+    lines += [f"note: {n}" for n in summary.get("notes", [])]
+    if "locked_batch" in summary:
+        lines.append(f"note: ran {summary['locked_batch']}")
     return "\n".join(lines)
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from .graph import Graph
+from .graph import Graph, reads
 
 SHAPE_OPS = ("Shape", "Size")  # read only a tensor's shape: their outputs carry no activation data
 EMBEDDING_MIN_ELEMENTS = 1024  # a float initializer this large read by a node is a learned table (embeddings)
@@ -22,7 +22,7 @@ def weight_dependent(graph: Graph) -> set:
     """Tensors downstream of a weighted op (tells residual Adds from mask Adds)."""
     dep = set()
     for n in graph.nodes:
-        if graph.weight_spec(n) is not None or any(i in dep for i in n.input):
+        if graph.weight_spec(n) is not None or any(i in dep for i in reads(n)):
             dep.update(o for o in n.output if o)
     return dep
 
@@ -38,7 +38,7 @@ def data_dependent(graph: Graph) -> set:
     for n in graph.nodes:
         if n.op_type in SHAPE_OPS:
             continue
-        if graph.weight_spec(n) is not None or reads_table(n) or any(i in dep for i in n.input):
+        if graph.weight_spec(n) is not None or reads_table(n) or any(i in dep for i in reads(n)):
             dep.update(o for o in n.output if o)
     return dep
 

@@ -12,7 +12,8 @@ from onnxflex.api import quantize
 from onnxflex.calib import load_calibration
 from onnxflex.graph import Graph, model_input_specs
 from onnxflex.passes.calibrate import resolve_calib_method
-from onnxflex.passes.partition import _shape_only, auto_mode, capture_shapes, partition, tensor_sizes
+from onnxflex.layout import probe_calibration, sizes_per_sample
+from onnxflex.passes.partition import _shape_only, auto_mode, partition
 from onnxflex.passes.prepare import PreparePass, load_model
 from onnxflex.reconstruction.losses import data_loss, token_weights
 from onnxflex.reconstruction.streams import region_model
@@ -85,7 +86,7 @@ def _mask_derived(graph: Graph) -> set:
 
 def _sizes(fp, tokenizer_dir, texts):
     cal = load_calibration(texts, model_input_specs(fp), tokenizer=str(tokenizer_dir), max_length=32, size=4)
-    return tensor_sizes(capture_shapes(fp, next(cal.batches(1))))
+    return sizes_per_sample(probe_calibration(fp, cal))
 
 
 def test_block_regions_are_encoder_layers_with_the_mask_as_side_input(tiny_bert, tokenizer_dir, texts):
@@ -200,7 +201,7 @@ def test_lifted_minilm_layer_equals_onnxruntime(exporter, real_minilm, tmp_path)
     fp, g = _prepared(path)
     cal = load_calibration(calib, model_input_specs(fp), tokenizer=minilm.tokenizer_dir(), max_length=32, size=4)
     feed = cal.stacked()
-    sizes = tensor_sizes(capture_shapes(fp, next(cal.batches(1))))
+    sizes = sizes_per_sample(probe_calibration(fp, cal))
     regions = partition(g, "block", sizes=sizes)
     assert len(regions) == 6 and all(len(r.weights) == 6 and not r.unsupported for r in regions)
     layer = regions[2]

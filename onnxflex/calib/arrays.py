@@ -8,7 +8,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..errors import OnnxflexError
-from .dataset import split_samples
+from .dataset import batch_axes, split_samples
 from .images import IMAGE_EXTENSIONS
 
 Samples = list[dict[str, np.ndarray]]
@@ -22,7 +22,7 @@ def single_input_samples(arr: np.ndarray, specs: dict, where: str) -> Samples:
             "pass .npz files or dicts keyed by input name"
         )
     name = next(iter(specs))
-    return [{name: a} for a in split_samples(name, arr, specs[name], where)]
+    return [{name: a} for a in split_samples(name, arr, specs[name], where, batch_axes(specs)[name])]
 
 
 def dict_samples(d: dict, specs: dict, where: str) -> Samples:
@@ -36,12 +36,14 @@ def dict_samples(d: dict, specs: dict, where: str) -> Samples:
         if extra:
             parts.append(f"unknown key(s) {', '.join(map(repr, map(str, extra)))}")
         raise OnnxflexError(f"{where}: {' and '.join(parts)}; keys must be exactly the model inputs {', '.join(specs)}")
-    per = {n: split_samples(n, d[n], specs[n], where) for n in specs}
-    counts = {n: len(v) for n, v in per.items()}
+    axes = batch_axes(specs)
+    per = {n: split_samples(n, d[n], specs[n], where, axes[n]) for n in specs}
+    counts = {n: len(v) for n, v in per.items() if axes[n] is not None}  # a scalar input joins every sample
     if len(set(counts.values())) > 1:
-        raise OnnxflexError(f"{where}: inputs have different batch sizes {counts}; give every input the same number of samples")
-    n = next(iter(counts.values()))
-    return [{k: per[k][i] for k in specs} for i in range(n)]
+        raise OnnxflexError(f"{where}: inputs have different batch sizes {counts} (batch axis per input: "
+                            f"{ {n: axes[n] for n in counts} }); give every input the same number of samples")
+    n = next(iter(counts.values()), 1)
+    return [{k: per[k][i if axes[k] is not None else 0] for k in specs} for i in range(n)]
 
 
 def _load_npy(p: Path, specs: dict) -> Samples:

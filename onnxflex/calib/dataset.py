@@ -38,10 +38,38 @@ def norm_specs(input_specs: dict) -> dict[str, tuple[list | None, np.dtype]]:
     return out
 
 
+def batch_axes(specs: dict) -> dict[str, int | None]:
+    """input -> the axis that holds its samples; None for a rank-0 input (a constant of the feed, such
+    as a sample rate). The batch is the first input's axis 0; another input carries it on the axis with
+    the same dim name (a recurrent state ``[2, batch, 128]``), on axis 0 when that is dynamic, else on
+    its first dim matching the first input's batch (or its first dynamic dim): exporters often leave
+    dims unnamed, and a state's leading 2 is the layer count, not the batch."""
+    ranked = [s for s, _ in specs.values() if s]
+    ref = ranked[0][0] if ranked else None
+    axes = {}
+    for name, (shape, _) in specs.items():
+        if shape is None:
+            axes[name] = 0
+        elif not shape:
+            axes[name] = None
+        elif isinstance(ref, str) and ref and ref in shape:
+            axes[name] = shape.index(ref)
+        elif not is_static(shape[0]) or (is_static(ref) and int(shape[0]) == int(ref)):
+            axes[name] = 0
+        else:
+            same = [k for k, d in enumerate(shape) if is_static(ref) and is_static(d) and int(d) == int(ref)]
+            dynamic = [k for k, d in enumerate(shape) if not is_static(d)]
+            axes[name] = (same or dynamic or [0])[0]
+    return axes
+
+
 def static_batch(specs: dict) -> int | None:
-    """The model's fixed batch dim (taken from its first input), or None when dynamic."""
-    first = next(iter(specs.values()))[0]
-    return int(first[0]) if first and is_static(first[0]) else None
+    """The model's fixed batch size (a static dim on some input's batch axis), or None when dynamic."""
+    for name, axis in batch_axes(specs).items():
+        shape = specs[name][0]
+        if axis is not None and shape and is_static(shape[axis]):
+            return int(shape[axis])
+    return None
 
 
 def _cast(name: str, arr: np.ndarray, dtype: np.dtype, where: str) -> np.ndarray:
@@ -69,8 +97,10 @@ def _cast(name: str, arr: np.ndarray, dtype: np.dtype, where: str) -> np.ndarray
     )
 
 
-def split_samples(name: str, arr: Any, spec: tuple[list | None, np.dtype], where: str) -> list[np.ndarray]:
-    """Validate one input's array against the spec -> list of per-sample arrays with a batch dim of 1."""
+def split_samples(name: str, arr: Any, spec: tuple[list | None, np.dtype], where: str,
+                  axis: int | None = 0) -> list[np.ndarray]:
+    """Validate one input's array against the spec -> list of per-sample arrays with a batch dim of 1
+    on ``axis``. A rank-0 input (``axis`` None) is one constant of the feed: a one-item list."""
     shape, dtype = spec
     if not isinstance(arr, np.ndarray):
         try:
@@ -80,16 +110,21 @@ def split_samples(name: str, arr: Any, spec: tuple[list | None, np.dtype], where
     if arr.dtype == object:
         raise OnnxflexError(f"input {name!r} from {where} is an object array; pass numeric numpy arrays")
     arr = _cast(name, arr, dtype, where)
+    if axis is None:
+        if arr.size != 1:
+            raise OnnxflexError(f"input {name!r} from {where} has shape {list(arr.shape)} but the model expects a scalar; "
+                                "pass one value (the same for every sample)")
+        return [arr.reshape(())]
     if shape is not None:
         rank = len(shape)
         if arr.ndim == rank - 1:
-            arr = arr[None]
+            arr = np.expand_dims(arr, axis)
         if arr.ndim != rank:
             raise OnnxflexError(
                 f"input {name!r} from {where} has shape {list(arr.shape)} but the model expects {fmt_shape(shape)} "
                 f"(rank {rank}, or {rank - 1} without the batch dim); reshape the data"
             )
-        bad = [i for i in range(1, rank) if is_static(shape[i]) and arr.shape[i] != int(shape[i])]
+        bad = [i for i in range(rank) if i != axis and is_static(shape[i]) and arr.shape[i] != int(shape[i])]
         if bad:
             raise OnnxflexError(
                 f"input {name!r} from {where} has shape {list(arr.shape)} but the model expects {fmt_shape(shape)}; "
@@ -97,12 +132,13 @@ def split_samples(name: str, arr: Any, spec: tuple[list | None, np.dtype], where
             )
     elif arr.ndim == 0:
         arr = arr[None]
-    return [arr[i : i + 1] for i in range(arr.shape[0])]
+    return [np.take(arr, [i], axis=axis) for i in range(arr.shape[axis])]
 
 
 @dataclass
 class CalibrationSet:
-    """Calibration data as one feed dict per sample (arrays with a leading batch dim of 1).
+    """Calibration data as one feed dict per sample (arrays with a batch dim of 1 on the input's batch
+    axis, see :func:`batch_axes`; rank-0 inputs as they are).
 
     Kept per sample so passes can re-batch freely; :meth:`batches` and :meth:`stacked` concatenate.
     ``files`` lists the image files behind the samples (image sources only), in sample order.
@@ -119,18 +155,30 @@ class CalibrationSet:
     token_mask: np.ndarray | None = field(default=None, repr=False)
 
     @property
+    def batch_axes(self) -> dict[str, int | None]:
+        return batch_axes(norm_specs(self.input_specs)) if self.input_specs else {n: 0 for n in self.input_names}
+
+    @property
     def num_samples(self) -> int:
         return len(self.samples)
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _concat(self, chunk: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    def joined(self, chunk: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """These samples as one feed dict, joined along each input's batch axis."""
         out = {}
+        axes = self.batch_axes
         for name in self.input_names:
             parts = [s[name] for s in chunk]
+            if axes.get(name, 0) is None:
+                if any(not np.array_equal(p, parts[0]) for p in parts[1:]):
+                    raise OnnxflexError(f"input {name!r} is a scalar of the feed but the calibration samples give it different "
+                                        "values; give every sample the same value")
+                out[name] = parts[0]
+                continue
             try:
-                out[name] = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+                out[name] = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axes.get(name, 0))
             except ValueError:
                 shapes = sorted({tuple(p.shape[1:]) for p in parts})
                 raise OnnxflexError(
@@ -138,6 +186,13 @@ class CalibrationSet:
                     "use batch size 1 or pad them to one shape"
                 ) from None
         return out
+
+    def feed_size(self, feed: dict) -> int:
+        """How many samples a feed from :meth:`batches` holds."""
+        for name, axis in self.batch_axes.items():
+            if axis is not None and name in feed:
+                return int(feed[name].shape[axis])
+        return 1
 
     def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
         """Feed dicts of ``batch_size`` samples (the last may be smaller).
@@ -159,10 +214,10 @@ class CalibrationSet:
         else:
             end = len(self.samples)
         for i in range(0, end, bs):
-            yield self._concat(self.samples[i : min(i + bs, end)])
+            yield self.joined(self.samples[i : min(i + bs, end)])
 
     def stacked(self) -> dict[str, np.ndarray]:
         """All samples as one feed dict (batch dim = num_samples)."""
         if not self.samples:
             return {}
-        return self._concat(self.samples)
+        return self.joined(self.samples)

@@ -90,7 +90,7 @@ def calibrate_points(model: onnx.ModelProto, points: dict[str, ActPoint], batche
     start = 0
     for feed in batches:
         outs = sess.run(names, feed)
-        b = len(next(iter(feed.values())))
+        b = next((v.shape[0] for v in feed.values() if v.ndim), 1)  # text feeds are [batch, seq]
         m = None if token_mask is None else token_mask[start:start + b] > 0
         start += b
         for t, v in zip(names, outs):

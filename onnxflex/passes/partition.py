@@ -12,7 +12,9 @@ import numpy as np
 import onnx
 
 from ..context import Region
-from ..graph import Graph, model_input_specs, with_float_outputs
+from ..calib.dataset import batch_axes
+from ..graph import Graph, model_input_specs, reads
+from ..layout import Batching, probe, probe_calibration, sizes_per_sample
 from ..lift.ops import is_supported
 from ..traits import SHAPE_OPS, data_dependent
 from .base import Pass
@@ -26,7 +28,7 @@ def live_sets(graph: Graph) -> list[set]:
     pos_last = {}
     n_nodes = len(graph.nodes)
     for i, n in enumerate(graph.nodes):
-        for t in n.input:
+        for t in reads(n):
             if t and not graph.is_constant(t):
                 pos_last[t] = i
     for t in graph.output_names:
@@ -66,7 +68,7 @@ def _region(graph: Graph, index: int, nodes: list, quantize: set, after: set) ->
     produced = {o for n in nodes for o in n.output if o}
     inputs, seen = [], set()
     for n in nodes:
-        for t in n.input:
+        for t in reads(n):
             if t and t not in produced and not graph.is_constant(t) and t not in seen:
                 seen.add(t)
                 inputs.append(t)
@@ -139,6 +141,24 @@ def _shape_only(graph: Graph) -> set:
         if n.op_type in SHAPE_OPS or (n.op_type != "Constant" and all(
                 not i or graph.is_constant(i) or i in out for i in n.input) and any(i in out for i in n.input)):
             out.update(o for o in n.output if o)
+    return out
+
+
+def _isolate_unsupported(graph: Graph, spans: list) -> list:
+    """An op without a torch lifting (If, LSTM, a custom op) gets a region of its own, kept in FP32,
+    so the weighted ops around it are still quantized (shape arithmetic stays where it is read)."""
+    shape_only = _shape_only(graph)
+    out = []
+    for span in spans:
+        cur = []
+        for n in span:
+            if is_supported(n.op_type) or all(o in shape_only for o in n.output if o):
+                cur.append(n)
+                continue
+            out += [cur, [n]] if cur else [[n]]
+            cur = []
+        if cur:
+            out.append(cur)
     return out
 
 
@@ -217,7 +237,7 @@ def partition(graph: Graph, mode: str = "auto", quantize: Optional[set] = None,
                 merged.append(cur)
         spans = merged
 
-    spans = _recompute_shapes(graph, spans)
+    spans = _recompute_shapes(graph, _isolate_unsupported(graph, spans))
     # every tensor read after a region ends (and not computed there) is "after" for that region
     regions = []
     readers_after = [set() for _ in spans]
@@ -225,15 +245,10 @@ def partition(graph: Graph, mode: str = "auto", quantize: Optional[set] = None,
     for k in range(len(spans) - 1, -1, -1):
         readers_after[k] = set(later)
         made = {o for n in spans[k] for o in n.output}
-        later.update(t for n in spans[k] for t in n.input if t and t not in made)
+        later.update(t for n in spans[k] for t in reads(n) if t and t not in made)
     for k, s in enumerate(spans):
         regions.append(_region(graph, k, s, quantize, readers_after[k]))
     return regions
-
-
-def tensor_sizes(shapes: dict) -> dict:
-    """Per-sample element counts from captured shapes (batch dimension dropped)."""
-    return {t: int(np.prod(s[1:])) if len(s) > 1 else 1 for t, s in shapes.items()}
 
 
 def auto_mode(device: str, attention: bool = False, method_mode: Optional[str] = None) -> str:
@@ -246,23 +261,14 @@ def auto_mode(device: str, attention: bool = False, method_mode: Optional[str] =
     return "block" if device == "cuda" or attention else "layer"
 
 
-def capture_shapes(model: onnx.ModelProto, feed: dict) -> dict:
-    """Shapes of every float tensor for one sample (sizes the regions' live sets)."""
-    from ..runtime.session import make_session
-
-    g = Graph(model)
-    names = [o for n in g.nodes for o in n.output
-             if o and g.elem_types.get(o, onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT]
-    sess = make_session(with_float_outputs(model, names))
-    outs = [o.name for o in sess.get_outputs()]
-    return {n: v.shape for n, v in zip(outs, sess.run(outs, feed))}
-
-
 def random_feed(specs: dict) -> Optional[dict]:
     """One sample per input when every non-batch dimension is static (``inspect`` has no data)."""
+    axes = batch_axes(specs)
     feed = {}
     for name, (dims, dtype) in specs.items():
-        shape = [1] + [d if isinstance(d, int) else None for d in dims[1:]]
+        if dims is None:
+            return None
+        shape = [1 if k == axes[name] else (d if isinstance(d, int) else None) for k, d in enumerate(dims)]
         if any(d is None for d in shape):
             return None
         feed[name] = (np.zeros(shape, dtype) if np.issubdtype(dtype, np.integer)
@@ -278,12 +284,19 @@ class PartitionPass(Pass):
     def run(self, graph: Graph, ctx) -> Graph:
         cfg = ctx.config
         if ctx.calibration is not None:
-            feed = next(ctx.calibration.batches(1))
+            ctx.batching = probe_calibration(graph.model, ctx.calibration)
         else:
-            feed = random_feed(model_input_specs(graph.model))
-        ctx.tensor_sizes = tensor_sizes(capture_shapes(graph.model, feed)) if feed else {}
+            specs = model_input_specs(graph.model)
+            feed = random_feed(specs)
+            ctx.batching = probe(graph.model, feed, None, batch_axes(specs)) if feed else Batching()
+        ctx.tensor_sizes = sizes_per_sample(ctx.batching)
         mode = cfg.regions if cfg.regions != "auto" else auto_mode(ctx.device, ctx.traits.attention,
                                                                     ctx.method.region_mode)
         ctx.region_mode = mode
         ctx.regions = partition(graph, mode, quantize=ctx.quantize_nodes, sizes=ctx.tensor_sizes or None)
+        for r in ctx.regions:  # an FP32 region reads no quantized activations either
+            if r.unsupported:
+                ctx.quantize_nodes = ctx.quantize_nodes - {n.name for n in r.nodes}
+        ctx.batching.settle({t for r in ctx.regions for t in r.inputs + r.outputs} | set(graph.output_names)
+                            | {graph.node_by_name[w.node].output[0] for r in ctx.regions for w in r.weights})
         return graph

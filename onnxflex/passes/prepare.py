@@ -21,7 +21,7 @@ import onnx_ir.passes.common as ir_passes
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
-from onnxflex.errors import OnnxflexError
+from onnxflex.errors import InternalError, OnnxflexError
 from onnxflex.graph import Graph
 from onnxflex.passes.base import Pass
 from onnxflex.onnx_facts import MAX_IR_VERSION, MIN_QDQ_OPSET, PROTO_LIMIT, default_opset, upgrade_opset
@@ -111,6 +111,11 @@ def _check(model: onnx.ModelProto, source: str) -> None:
         else:
             onnx.checker.check_model(_stripped_copy(model))
     except Exception as exc:  # noqa: BLE001 - checker raises ValidationError / others
+        # the checker is stricter than the runtime (e.g. graph outputs without a shape): a model that
+        # onnxruntime loads is what the user deploys, so it is only warned about
+        if ort_load_error(model) is None:
+            logger.warning("%s fails the ONNX checker (%s) but loads in onnxruntime; going on", source, _short(exc))
+            return
         raise OnnxflexError(
             f"{source} fails the ONNX checker: {_short(exc)}; fix or re-export the model"
         ) from exc
@@ -171,6 +176,17 @@ def load_model(
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def ort_load_error(model: onnx.ModelProto) -> str | None:
+    """Why onnxruntime refuses to load ``model`` (one line), or None when it loads."""
+    from onnxflex.runtime.session import make_session
+
+    try:
+        make_session(model, optimization="disable")
+    except Exception as exc:  # noqa: BLE001 - any refusal is reported as its first line
+        return _short(exc, 300)
+    return None
 
 
 def _required_ir(model: onnx.ModelProto) -> int:
@@ -319,8 +335,23 @@ class PreparePass(Pass):
     name = "prepare"
 
     def run(self, graph: Graph, ctx) -> Graph:
-        """Pass contract: the prepared model becomes the run's FP32 reference (``ctx.fp_model``)."""
+        """Pass contract: the prepared model becomes the run's FP32 reference (``ctx.fp_model``).
+        It must load in ONNX Runtime: if the optimiser's output does not, the model is prepared again
+        without it; if that fails too, the user's own model is tried, to blame the right party."""
         ctx.fp_model = self.prepare(graph.model)
+        problem = ort_load_error(ctx.fp_model)
+        if problem and self.fold_constants:
+            logger.warning("the optimised model does not load in onnxruntime (%s); preparing it without "
+                           "the optimiser", problem)
+            plain = PreparePass(self.min_opset, fold_constants=False)
+            ctx.fp_model, self.stats = plain.prepare(graph.model), plain.stats
+            problem = ort_load_error(ctx.fp_model)
+        if problem:
+            original = ort_load_error(graph.model)
+            if original:
+                raise OnnxflexError(f"the model does not load in onnxruntime: {original}; fix or re-export it")
+            raise InternalError(f"internal error in preparation: the prepared model does not load in "
+                                f"onnxruntime ({problem}) although the original does")
         return Graph(ctx.fp_model)
 
     def prepare(self, model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:

@@ -25,7 +25,7 @@ from ..quantizers.activation import ActQuantizer
 from ..reconstruction.fit import gram_applicable, gram_stats, train_direct, train_gram
 from ..reconstruction.losses import region_mse
 from ..reconstruction.ranges import choose_act_ranges
-from ..reconstruction.streams import Streams, needed_after, ort_outputs, region_model, torch_outputs
+from ..reconstruction.streams import Streams, needed_after, ort_outputs, region_model, to_torch, torch_outputs
 from ..runtime.session import make_session, target_providers
 from ..store import TensorStore
 from .base import Pass
@@ -34,6 +34,7 @@ log = logging.getLogger("onnxflex")
 ROWS_PER_INPUT = 4  # see determined()
 EVAL_SAMPLES = 32  # held-out calibration samples on which RTN and learned region errors are compared
 RANGE_SAMPLES = 64  # training samples on which each activation's range candidates are compared
+LIFT_TOLERANCE = 1e-3  # relative output error of the lifted FP32 region against onnxruntime's
 
 
 def determined(graph: Graph, ctx, spec, n: int) -> bool:
@@ -82,12 +83,14 @@ class ReconstructPass(Pass):
             # against a CPU run, so it is opt-in (--tf32) rather than torch's cuDNN default
             torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
         budget = cfg.max_memory * (1 << 30) / 2
-        n = ctx.calibration.num_samples
-        n_hold = min(EVAL_SAMPLES, n // 8) if n >= 16 else 0
+        batching = ctx.batching
+        unit = batching.locked_unit or 1
+        n = ctx.calibration.num_samples // unit * unit  # a locked graph runs whole units
+        n_hold = (min(EVAL_SAMPLES, n // 8) if n >= 16 else 0) // unit * unit
         mask = ctx.calibration.token_mask
         streams = Streams(TensorStore(budget), TensorStore(budget), n, n - n_hold,
-                          None if mask is None else np.asarray(mask, np.float32))
-        for name, arr in ctx.calibration.stacked().items():
+                          None if mask is None else np.asarray(mask[:n], np.float32), batching)
+        for name, arr in ctx.calibration.joined(ctx.calibration.samples[:n]).items():
             streams.fp.put(name, arr)
             streams.q.put(name, arr)
         keep_after = needed_after(graph, ctx.regions)
@@ -130,7 +133,7 @@ class RegionRun:
     def __init__(self, graph, ctx, region, streams, act_modules, owners, first_last, device):
         self.graph, self.ctx, self.region, self.streams, self.device = graph, ctx, region, streams, device
         self.cfg = ctx.config
-        self.batch = max(self.cfg.batch_size, 32)
+        self.batch = streams.batching.batch(max(self.cfg.batch_size, 32))
         names = {nd.name for nd in region.nodes}
         self.act_quant = {t: m for t, m in act_modules.items() if ctx.act_points[t].consumers & names}
         self.own_acts = {t: m for t, m in self.act_quant.items() if owners.get(t) == region.index}
@@ -167,17 +170,21 @@ class RegionRun:
         in_dtypes = {t: streams.fp[t].dtype for t in region.inputs}
         sess = make_session(region_model(graph, region, region.outputs + extra, in_dtypes),
                             target_providers(ctx.device))
-        y_fp_all = ort_outputs(sess, streams.fp, region.inputs, region.outputs + extra, n, self.batch)
+        y_fp_all = ort_outputs(sess, streams, streams.fp, region.inputs, region.outputs + extra, self.batch)
         y_fp = {o: y_fp_all[o] for o in region.outputs}
 
-        if region.unsupported:
-            rep.status = "fp32: no torch lifting for " + ",".join(region.unsupported)
-            log.warning("region %s left in FP32: no torch lifting for %s", region.name, ", ".join(region.unsupported))
-            streams.store(y_fp, ort_outputs(sess, streams.q, region.inputs, region.outputs, n, self.batch))
+        problem = ("no torch lifting for " + ",".join(region.unsupported)) if region.unsupported else self.lift_problem(y_fp)
+        if problem:
+            rep.status = "fp32: " + problem
+            log.warning("region %s left in FP32: %s", region.name, problem)
+            names = {nd.name for nd in region.nodes}
+            for p in ctx.act_points.values():  # nothing of this region reads quantized activations
+                p.consumers -= names
+            streams.store(y_fp, ort_outputs(sess, streams, streams.q, region.inputs, region.outputs, self.batch))
             return rep
         if not region.weights:
             rep.status = "fp32: no quantized weights"
-            streams.store(y_fp, torch_outputs(self.build([]), streams.q, region.inputs, region.outputs, n,
+            streams.store(y_fp, torch_outputs(self.build([]), streams, streams.q, region.inputs, region.outputs,
                                               self.batch, self.device))
             return rep
 
@@ -192,7 +199,7 @@ class RegionRun:
         ranged = {t: m for t, m in self.own_acts.items() if ctx.act_points[t].candidates}
         rep.act_ranges = choose_act_ranges(ctx.act_points, ranged, rtn_module, streams, region.inputs, y_fp,
                                            range(0, min(streams.n_train, RANGE_SAMPLES)), self.batch, self.device)
-        rep.rtn_mse = region_mse(rtn_module, streams.q, region.inputs, y_fp, held, self.batch, self.device, streams.mask)
+        rep.rtn_mse = region_mse(rtn_module, streams, streams.q, region.inputs, y_fp, held, self.batch, self.device)
         rep.final_mse, chosen, rep.status = rep.rtn_mse, rtn_q, "rtn"
         method = ctx.method
         active = method.fit == "solve" or (method.fit == "adam" and cfg.iters > 0)
@@ -202,8 +209,8 @@ class RegionRun:
             rep.status = f"rtn: {method.name} needs a one-op region"
         elif active:
             learned = self.fit(method, learnable, y_fp, y_fp_all, rep, held)
-            rep.learned_mse = region_mse(self.build(learned), streams.q, region.inputs, y_fp, held, self.batch,
-                                         self.device, streams.mask)
+            rep.learned_mse = region_mse(self.build(learned), streams, streams.q, region.inputs, y_fp, held, self.batch,
+                                         self.device)
             if not math.isfinite(rep.learned_mse):
                 rep.status = "kept rtn: loss not finite"
             elif rep.learned_mse > rep.rtn_mse:
@@ -212,13 +219,39 @@ class RegionRun:
                 rep.final_mse, chosen, rep.status = rep.learned_mse, learned, "learned"
             if rep.status.startswith("kept"):
                 log.warning("region %s: %s", region.name, rep.status)
-        y_q = torch_outputs(self.build(chosen), streams.q, region.inputs, region.outputs, n, self.batch, self.device)
+        y_q = torch_outputs(self.build(chosen), streams, streams.q, region.inputs, region.outputs, self.batch, self.device)
         for w, q in zip(region.weights, chosen):
             ctx.weight_results[w.node] = WeightResult(
                 w, q.integers().detach().cpu().numpy().astype(np.int32),
                 q.scale().detach().cpu().numpy().astype(np.float32), self.bits(w))
         streams.store(y_fp, y_q)
         return rep
+
+    def lift_problem(self, y_fp: dict) -> str | None:
+        """Why the lifted torch region cannot stand in for ONNX Runtime's (None when it can): it fails
+        to build or run, or its FP32 outputs differ from ONNX Runtime's on the first batch. A model
+        we did not export may use an op attribute or dtype the lifting gets wrong; that region then
+        stays FP32 instead of being quantized against a wrong simulation."""
+        r, streams = self.region, self.streams
+        s, e = next(streams.spans(range(streams.n), self.batch))
+        try:
+            module = RegionModule(r.nodes, self.graph.constants_for(r.nodes), r.inputs, r.outputs, self.graph.opset).to(self.device)
+            with torch.no_grad():
+                outs = module(*[to_torch(x, self.device) for x in streams.feed(streams.fp, r.inputs, s, e)])
+        except Exception as ex:  # noqa: BLE001 - any failure of the lifting keeps the region in FP32
+            return f"torch lifting failed ({type(ex).__name__}: {' '.join(str(ex).split())[:160]})"
+        for o in r.outputs:
+            want = np.asarray(streams.layout(o).slice(y_fp[o], s, e))
+            got = outs[o].detach().cpu().numpy()
+            if got.shape != want.shape:
+                return f"lifted region gives {o!r} shape {list(got.shape)}, onnxruntime {list(want.shape)}"
+            if want.dtype.kind == "f":
+                err = float(np.linalg.norm((got - want).astype(np.float64)) / (np.linalg.norm(want.astype(np.float64)) + 1e-12))
+                if not err <= (LIFT_TOLERANCE if want.dtype.itemsize >= 4 else 10 * LIFT_TOLERANCE):  # fp16 models
+                    return f"lifted region differs from onnxruntime on {o!r} (relative error {err:.1e})"
+            elif np.mean(got != want) > 1e-3:
+                return f"lifted region differs from onnxruntime on {o!r}"
+        return None
 
     def fit(self, method, learnable, y_fp, y_fp_all, rep, held) -> list:
         """The method's fit: Adam on the Gram form or on real passes, or a closed-form solve."""
@@ -244,8 +277,8 @@ class RegionRun:
                     errs = {}
                     for corr in (False, True):
                         learned[0].solve(total, correct_inputs=corr)
-                        errs[corr] = region_mse(self.build(learned), streams.q, region.inputs, y_fp, held, self.batch,
-                                                device, streams.mask)
+                        errs[corr] = region_mse(self.build(learned), streams, streams.q, region.inputs, y_fp, held,
+                                                self.batch, device)
                     best = min(errs, key=lambda c: (errs[c], not c))  # a tie keeps the corrected solve
                     if not best:  # the last solve was the corrected one
                         learned[0].solve(total, correct_inputs=False)

@@ -28,15 +28,20 @@ class ValidatePass(Pass):
         outs = [o.name for o in sess.get_outputs() if o.type == "tensor(float)"] or [sess.get_outputs()[0].name]
         fp_sess = make_session(ctx.fp_model)
         qdq_vals, fp_vals, seen = [], [], 0
+        want = min(ctx.calibration.num_samples, VALIDATION_SAMPLES)
         for feed in ctx.calibration.batches(32):
-            if seen >= min(ctx.calibration.num_samples, VALIDATION_SAMPLES):
+            if seen >= want:
                 break
             qdq_vals.append(sess.run(outs[:1], feed)[0])
             fp_vals.append(fp_sess.run(outs[:1], feed)[0])
-            seen += len(qdq_vals[-1])
-        qdq, fp = np.concatenate(qdq_vals), np.concatenate(fp_vals)
+            seen += ctx.calibration.feed_size(feed)
+        layout = ctx.batching.layout(outs[0]) if ctx.batching else None
+        join = layout.join if layout is not None and not layout.stacked else (lambda v: np.concatenate([x.reshape(-1) for x in v]))
+        qdq, fp = join(qdq_vals), join(fp_vals)
         ctx.summary["calib_output_sqnr_db"] = round(float(sqnr_db(fp, qdq)), 2)
-        if outs[0] in ctx.final_outputs:
-            sim = ctx.final_outputs[outs[0]][1][: len(qdq)]
-            ctx.summary["torch_vs_ort_sqnr_db"] = round(float(sqnr_db(qdq, sim)), 2)
+        if outs[0] in ctx.final_outputs and layout is not None:
+            sim = ctx.final_outputs[outs[0]][1]
+            sim = np.concatenate([x.reshape(-1) for x in sim[: seen // layout.unit]]) if layout.stacked else layout.slice(sim, 0, seen)
+            if sim.shape == qdq.shape:
+                ctx.summary["torch_vs_ort_sqnr_db"] = round(float(sqnr_db(qdq, sim)), 2)
         return graph

@@ -66,12 +66,12 @@ def train_direct(module, region, quantizers, own_acts, streams, y_fp, cfg, per_s
     masks = None if streams.mask is None else stage(streams.mask, device)
 
     def batch_loss(it):
-        idx = torch.from_numpy(np.sort(rng.choice(n, bs, replace=False))).to(device)
-        feeds = [mix(xq[t].index_select(0, idx), xfp[t].index_select(0, idx), cfg.drop_prob, gen)
-                 for t in region.inputs]
+        idx = streams.random_batch(rng, n, bs)
+        feeds = [mix(to_torch(streams.layout(t).take(xq[t], idx), device), to_torch(streams.layout(t).take(xfp[t], idx), device),
+                     cfg.drop_prob, gen) for t in region.inputs]
         out = module(*feeds)
-        m = None if masks is None else masks.index_select(0, idx)
-        loss = sum(data_loss(out[o], ys[o].index_select(0, idx), m, per_sample) for o in float_outs)
+        m = None if masks is None else masks.index_select(0, torch.as_tensor(idx, device=device))
+        loss = sum(data_loss(out[o], to_torch(streams.layout(o).take(ys[o], idx), device), m, per_sample) for o in float_outs)
         return loss / max(1, len(float_outs))
 
     fit(quantizers, [p for m in own_acts for p in m.parameters()], batch_loss, cfg.iters, cfg.lr, cfg.act_lr,
@@ -127,16 +127,14 @@ def gram_stats(graph: Graph, spec: WeightSpec, act, streams, y_lin: np.ndarray, 
     node = graph.node_by_name[spec.node]
     w = torch.from_numpy(graph.array(spec.weight).astype(np.float32)).to(device)
     b = torch.from_numpy(graph.array(spec.bias).astype(np.float32)).to(device) if spec.bias else None
-    n = streams.n_train
-    order = rng.permutation(n)
+    lin = streams.layout(node.output[0])
     stats = []
-    for s in range(0, n, batch):
-        idx = np.sort(order[s:s + batch])
-        x = mix(to_torch(streams.q[spec.data_input][idx], device),
-                to_torch(streams.fp[spec.data_input][idx], device), drop_prob, gen)
+    for idx in streams.shuffled(rng, streams.n_train, batch):
+        x = mix(to_torch(streams.take(streams.q, spec.data_input, idx), device),
+                to_torch(streams.take(streams.fp, spec.data_input, idx), device), drop_prob, gen)
         if act is not None:
             x = act(x)
-        y = to_torch(y_lin[idx], device)
+        y = to_torch(lin.take(y_lin, idx), device)
         m = None if streams.mask is None else token_weights(to_torch(streams.mask[idx], device), y)
         if m is not None:  # only the real tokens' rows enter G, C and ||R||^2
             keep = m.reshape(m.shape[:2]) > 0

@@ -36,20 +36,19 @@ def data_loss(pred, target, mask=None, per_sample: bool = False):
 
 
 @torch.no_grad()
-def region_mse(module, store, inputs: list, targets: dict, samples: range, batch: int, device,
-               token_mask: Optional[np.ndarray] = None) -> float:
+def region_mse(module, streams, store, inputs: list, targets: dict, samples: range, batch: int, device) -> float:
     """Mean over the region's float outputs of the output MSE on ``samples`` (streamed)."""
     names = [o for o, t in targets.items() if t.dtype in FLOAT_TYPES]
     if not names:
         return 0.0
     sq = {o: 0.0 for o in names}
     count = {o: 0.0 for o in names}
-    for s in range(samples.start, samples.stop, batch):
-        e = min(s + batch, samples.stop)
-        outs = module(*[to_torch(store[i][s:e], device) for i in inputs])
-        mask = None if token_mask is None else to_torch(token_mask[s:e], device)
+    for s, e in streams.spans(samples, batch):
+        outs = module(*[to_torch(x, device) for x in streams.feed(store, inputs, s, e)])
+        mask = None if streams.mask is None else to_torch(streams.mask[s:e], device)
         for o in names:
-            err, c = squared_error(outs[o], to_torch(targets[o][s:e], device), mask, dtype=torch.float64)
+            target = streams.layout(o).slice(targets[o], s, e)
+            err, c = squared_error(outs[o], to_torch(target, device), mask, dtype=torch.float64)
             sq[o] += float(err)
             count[o] += c
     return float(np.mean([sq[o] / max(count[o], 1.0) for o in names]))

@@ -17,7 +17,7 @@ def choose_act_ranges(points: dict, act_quant: dict, module, streams, inputs: li
         errs = {}
         for method, (scale, zp) in points[t].candidates.items():
             m.set_range(scale, zp)
-            errs[method] = region_mse(module, streams.q, inputs, y_fp, samples, batch, device, streams.mask)
+            errs[method] = region_mse(module, streams, streams.q, inputs, y_fp, samples, batch, device)
         best = min(errs, key=errs.get)
         m.set_range(*points[t].candidates[best])
         chosen[t] = best

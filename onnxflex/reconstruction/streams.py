@@ -5,15 +5,16 @@ with its quantizers. Only tensors a later region reads are kept (TensorStore spi
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
 
 import numpy as np
 import onnx
 import torch
 
 from ..context import Region
-from ..graph import Graph
+from ..graph import Graph, reads
+from ..layout import Batching, Layout
 from ..onnx_facts import cap_ir_version
 from ..store import TensorStore
 
@@ -25,6 +26,37 @@ class Streams:
     n: int
     n_train: int  # samples [0, n_train) train; the rest are held out to judge each region
     mask: Optional[np.ndarray] = None  # [n, seq] token mask (text): padded positions are not fitted
+    batching: Batching = field(default_factory=Batching)  # where each tensor keeps its samples
+
+    def layout(self, name: str) -> Layout:
+        return self.batching.layout(name)
+
+    def spans(self, samples: range, batch: int) -> Iterator[tuple[int, int]]:
+        """[start, stop) sample spans of at most ``batch`` (exactly the unit of a locked graph)."""
+        step = self.batching.batch(batch)
+        for s in range(samples.start, samples.stop, step):
+            yield s, min(s + step, samples.stop)
+
+    def feed(self, store: TensorStore, names: list, start: int, stop: int) -> list:
+        return [self.layout(t).slice(store[t], start, stop) for t in names]
+
+    def take(self, store: TensorStore, name: str, idx):
+        return self.layout(name).take(store[name], idx)
+
+    def shuffled(self, rng, count: int, batch: int) -> list:
+        """Random sorted index batches covering samples [0, count) (whole units of a locked graph)."""
+        unit = self.batching.locked_unit
+        if unit:
+            return [np.arange(c * unit, c * unit + unit) for c in rng.permutation(count // unit)]
+        order = rng.permutation(count)
+        return [np.sort(order[s:s + batch]) for s in range(0, count, batch)]
+
+    def random_batch(self, rng, count: int, batch: int) -> np.ndarray:
+        unit = self.batching.locked_unit
+        if unit:
+            c = int(rng.integers(count // unit))
+            return np.arange(c * unit, c * unit + unit)
+        return np.sort(rng.choice(count, batch, replace=False))
 
     def store(self, y_fp: dict, y_q: dict) -> None:
         for o, v in y_fp.items():
@@ -57,28 +89,33 @@ def region_model(graph: Graph, region: Region, outputs: list, input_dtypes: dict
     inputs = [h.make_tensor_value_info(t, h.np_dtype_to_tensor_dtype(np.dtype(input_dtypes[t])), None)
               for t in region.inputs]
     outs = [h.make_tensor_value_info(t, graph.elem_types.get(t, onnx.TensorProto.FLOAT), None) for t in outputs]
-    used = {i for n in region.nodes for i in n.input if i in graph.initializers}
+    used = {i for n in region.nodes for i in reads(n) if i in graph.initializers}
     g = h.make_graph(region.nodes, f"region_{region.index}", inputs, outs,
                      initializer=[graph.initializers[i] for i in sorted(used)])
     return cap_ir_version(h.make_model(g, opset_imports=list(graph.model.opset_import)))
 
 
-def ort_outputs(sess, store: TensorStore, inputs: list, outputs: list, n: int, batch: int) -> dict:
+def ort_outputs(sess, streams: Streams, store: TensorStore, inputs: list, outputs: list, batch: int) -> dict:
+    """The region's outputs on every sample, run by ONNX Runtime in batches, joined per layout."""
     res = {o: [] for o in outputs}
-    for s in range(0, n, batch):
-        outs = sess.run(outputs, {i: np.asarray(store[i][s:s + batch]) for i in inputs})
+    for s, e in streams.spans(range(streams.n), batch):
+        outs = sess.run(outputs, {i: np.asarray(x) for i, x in zip(inputs, streams.feed(store, inputs, s, e))})
         for o, v in zip(outputs, outs):
             res[o].append(v)
-    return {o: np.concatenate(v) for o, v in res.items()}
+    return {o: streams.layout(o).join(v) for o, v in res.items()}
 
 
 def to_torch(a, device):
+    if isinstance(a, torch.Tensor):
+        return a.to(device)
     return torch.from_numpy(np.ascontiguousarray(a)).to(device)
 
 
 def stage(a: np.ndarray, device, chunk: int = 64) -> torch.Tensor:
     """A region's calibration tensor for training: shared with numpy on the CPU; on a GPU, copied
     once into device memory in pinned, batched host-to-device copies (then indexed on the device)."""
+    if a.dtype == object:  # a locked graph's per-unit arrays of different shapes: indexed as they are
+        return a
     if device.type != "cuda":
         return torch.from_numpy(np.ascontiguousarray(a))
     out = torch.empty(a.shape, dtype=torch.from_numpy(a[:1].copy()).dtype, device=device)
@@ -89,10 +126,11 @@ def stage(a: np.ndarray, device, chunk: int = 64) -> torch.Tensor:
 
 
 @torch.no_grad()
-def torch_outputs(module, store: TensorStore, inputs: list, outputs: list, n: int, batch: int, device) -> dict:
+def torch_outputs(module, streams: Streams, store: TensorStore, inputs: list, outputs: list, batch: int, device) -> dict:
+    """The lifted region's outputs on every sample, in batches, joined per layout."""
     res = {o: [] for o in outputs}
-    for s in range(0, n, batch):
-        outs = module(*[to_torch(store[i][s:s + batch], device) for i in inputs])
+    for s, e in streams.spans(range(streams.n), batch):
+        outs = module(*[to_torch(x, device) for x in streams.feed(store, inputs, s, e)])
         for o in outputs:
             res[o].append(outs[o].detach().cpu().numpy())
-    return {o: np.concatenate(v) for o, v in res.items()}
+    return {o: streams.layout(o).join(v) for o, v in res.items()}
