@@ -200,7 +200,8 @@ def _guess(v: np.ndarray, unit: int) -> Layout:
 def _locked(result: Batching, inputs: dict, unit: int, why: str) -> Batching:
     log.info("calibration runs %d sample(s) at a time: %s", unit, why)
     result.locked_unit, result.reason = unit, why
-    result.layouts = dict(inputs)
+    # inputs too are kept one unit feed at a time: their axis 0 need not be a batch (a [time, f] sequence)
+    result.layouts = {n: lay if lay == SHARED else Layout(None, stacked=True, unit=unit) for n, lay in inputs.items()}
     return result
 
 

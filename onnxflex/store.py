@@ -28,7 +28,7 @@ class TensorStore:
 
     def put(self, name: str, array: np.ndarray) -> None:
         self.drop(name)
-        if self._in_memory() + array.nbytes > self.budget:
+        if self._in_memory() + array.nbytes > self.budget and array.dtype != object:  # per-unit arrays stay in memory
             if self._dir is None:
                 self._dir = Path(tempfile.mkdtemp(prefix="onnxflex-spill-", dir=self._spill_root))
             fname = self._dir / f"{len(self.spilled)}_{abs(hash(name))}.npy"

@@ -81,7 +81,8 @@ class _StateNet(torch.nn.Module):
         return torch.sigmoid(new.sum(-1, keepdim=True)), torch.stack([new, h])
 
 
-def test_state_on_axis_1_and_scalar_input_quantize(tmp_path):
+@pytest.mark.parametrize("method", ["rtn", "flexround"])
+def test_state_on_axis_1_and_scalar_input_quantize(tmp_path, method):
     path = export(_StateNet(), (torch.zeros(1, 16), torch.zeros(2, 1, 8), torch.tensor(16000)), tmp_path / "vad.onnx",
                   ["input", "state", "sr"], ["prob", "new_state"],
                   dynamic_axes={"input": {0: "batch"}, "state": {1: "batch"}, "prob": {0: "batch"}, "new_state": {1: "batch"}})
@@ -95,7 +96,7 @@ def test_state_on_axis_1_and_scalar_input_quantize(tmp_path):
     cal = load_calibration(files, model_input_specs(onnx.load(str(path))), size=None)
     assert cal.stacked()["state"].shape == (2, 12, 8) and cal.stacked()["sr"].shape == ()
     out = tmp_path / "vad.qdq.onnx"
-    quantize(str(path), str(out), files, _cfg())
+    quantize(str(path), str(out), files, _cfg(method=method, iters=20, regions="block"))
     feed = {"input": rng.uniform(-1, 1, (5, 16)).astype(np.float32),
             "state": rng.normal(0, 0.5, (2, 5, 8)).astype(np.float32), "sr": np.array(16000, np.int64)}
     ref, got = _run(path, feed), _run(out, feed)
@@ -126,12 +127,13 @@ class _PadNet(torch.nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
-def test_shape_arithmetic_pads_are_shared_by_every_batch(tmp_path):
+@pytest.mark.parametrize("method", ["rtn", "flexround"])
+def test_shape_arithmetic_pads_are_shared_by_every_batch(tmp_path, method):
     path = export(_PadNet(), (torch.zeros(1, 3, 17, 17),), tmp_path / "pad.onnx", ["x"], ["y"],
                   dynamic_axes={"x": {0: "b", 2: "h", 3: "w"}, "y": {0: "b"}})
     x = np.random.default_rng(0).normal(size=(40, 3, 17, 17)).astype(np.float32)  # more than one run batch
     out = tmp_path / "pad.qdq.onnx"
-    quantize(str(path), str(out), x, _cfg(batch_size=8))
+    quantize(str(path), str(out), x, _cfg(batch_size=8, method=method, iters=20, regions="block"))
     assert _sqnr(_run(path, {"x": x[:6]})[0], _run(out, {"x": x[:6]})[0]) > 25
 
 
@@ -147,8 +149,9 @@ def _reshape_head(batch_dim, fixed: bool):
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
 
 
+@pytest.mark.parametrize("method", ["rtn", "flexround"])
 @pytest.mark.parametrize("fixed", [False, True], ids=["batch-in-axis-1", "batch-1-only"])
-def test_static_batch_heads_keep_samples_apart(tmp_path, fixed):
+def test_static_batch_heads_keep_samples_apart(tmp_path, fixed, method):
     model = _reshape_head(1, fixed)
     path = tmp_path / "head.onnx"
     onnx.save(model, str(path))
@@ -160,7 +163,7 @@ def test_static_batch_heads_keep_samples_apart(tmp_path, fixed):
     else:
         assert batching.locked_unit is None and batching.layout("y") == Layout(1, 9) and batching.layout("c") == BATCH0
     out = tmp_path / "head.qdq.onnx"
-    quantize(str(path), str(out), x, _cfg())
+    quantize(str(path), str(out), x, _cfg(method=method, iters=20, regions="block"))
     for i in (0, 7):
         ref, got = _run(path, {"x": x[i:i + 1]})[0], _run(out, {"x": x[i:i + 1]})[0]
         assert got.shape == ref.shape and _sqnr(ref, got) > 25
@@ -248,3 +251,31 @@ def test_region_whose_lifting_disagrees_with_onnxruntime_stays_fp32(tmp_path, mo
     assert reg.status.startswith("fp32: lifted region differs from onnxruntime")
     ref, got = _run(path, {"x": x[:2]})[0], _run(out, {"x": x[:2]})[0]
     assert np.allclose(ref, got, atol=1e-6)  # left as it was: FP32 weights, no activation Q/DQ
+
+
+def test_sequence_model_without_a_batch_takes_each_file_as_one_feed(tmp_path):
+    """x [time, 4] with a fixed [1, 1, 4] state: axis 0 of x is time, so each .npz is one sample."""
+    rng = np.random.default_rng(3)
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 4], rng.normal(size=16).tolist())
+    flat = helper.make_tensor("flat", TensorProto.INT64, [2], [1, 4])
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"], name="mm"),
+             helper.make_node("Reshape", ["h", "flat"], ["h2"], name="r"),
+             helper.make_node("Add", ["m", "h2"], ["a"], name="add"),
+             helper.make_node("ReduceMean", ["a"], ["y"], keepdims=1, axes=[0], name="mean")]  # mixes the time steps
+    g = helper.make_graph(nodes, "seq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["time", 4]),
+                                         helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, 1, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w, flat])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    path, out = tmp_path / "seq.onnx", tmp_path / "seq.qdq.onnx"
+    onnx.save(model, str(path))
+    files = []
+    for i in range(6):
+        f = tmp_path / f"f{i}.npz"
+        np.savez(f, x=rng.normal(size=(7, 4)).astype(np.float32), h=rng.normal(size=(1, 1, 4)).astype(np.float32))
+        files.append(f)
+    cal = load_calibration(files, model_input_specs(model), size=None)
+    assert cal.num_samples == 6 and cal.samples[0]["x"].shape == (7, 4)
+    res = quantize(str(path), str(out), files, _cfg())
+    assert "locked_batch" in res.summary
+    feed = {"x": rng.normal(size=(7, 4)).astype(np.float32), "h": np.zeros((1, 1, 4), np.float32)}
+    assert _sqnr(_run(path, feed)[0], _run(out, feed)[0]) > 25

@@ -8,7 +8,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..errors import OnnxflexError
-from .dataset import batch_axes, split_samples
+from .dataset import batch_axes, is_static, split_samples
 from .images import IMAGE_EXTENSIONS
 
 Samples = list[dict[str, np.ndarray]]
@@ -39,11 +39,23 @@ def dict_samples(d: dict, specs: dict, where: str) -> Samples:
     axes = batch_axes(specs)
     per = {n: split_samples(n, d[n], specs[n], where, axes[n]) for n in specs}
     counts = {n: len(v) for n, v in per.items() if axes[n] is not None}  # a scalar input joins every sample
+    if len(set(counts.values())) > 1 and _one_feed(d, specs, axes):
+        return [{k: np.asarray(d[k]) if axes[k] is not None else per[k][0] for k in specs}]
     if len(set(counts.values())) > 1:
         raise OnnxflexError(f"{where}: inputs have different batch sizes {counts} (batch axis per input: "
                             f"{ {n: axes[n] for n in counts} }); give every input the same number of samples")
     n = next(iter(counts.values()), 1)
     return [{k: per[k][i if axes[k] is not None else 0] for k in specs} for i in range(n)]
+
+
+def _one_feed(d: dict, specs: dict, axes: dict) -> bool:
+    """A dict whose arrays have their inputs' full ranks, one of them with the fixed batch size the
+    graph gives it, is one feed of a model without a free batch (e.g. a [time, features] sequence with
+    a [1, 1, h] state): one sample, not several."""
+    full = all(axes[n] is None or specs[n][0] is None or np.ndim(d[n]) == len(specs[n][0]) for n in specs)
+    fixed = any(axes[n] is not None and specs[n][0] and is_static(specs[n][0][axes[n]])
+                and np.shape(d[n])[axes[n]] == int(specs[n][0][axes[n]]) for n in specs)
+    return full and fixed
 
 
 def _load_npy(p: Path, specs: dict) -> Samples:

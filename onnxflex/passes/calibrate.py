@@ -149,7 +149,7 @@ class CalibratePass(Pass):
         residual = cfg.quantize_residual if cfg.quantize_residual is not None else not attention
         opts = PlacementOptions(quantize_act_matmul=cfg.quantize_act_matmul, quantize_residual=residual)
         ctx.act_points = ctx.target.act_points(graph, ctx.traits, ctx.quantize_nodes, opts, cfg.act_bits)
-        calibrate_points(graph.model, ctx.act_points, ctx.calibration.batches(cfg.batch_size),
+        calibrate_points(graph.model, ctx.act_points, ctx.calibration.batches(ctx.batching.batch(cfg.batch_size)),
                          resolve_calib_method(cfg.calib_method, attention), cfg.percentile, cfg.seed,
                          symmetric=ctx.target.act_symmetric, token_mask=ctx.calibration.token_mask,
                          candidates=cfg.calib_method == "auto" and attention)

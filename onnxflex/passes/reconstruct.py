@@ -90,7 +90,9 @@ class ReconstructPass(Pass):
         mask = ctx.calibration.token_mask
         streams = Streams(TensorStore(budget), TensorStore(budget), n, n - n_hold,
                           None if mask is None else np.asarray(mask[:n], np.float32), batching)
-        for name, arr in ctx.calibration.joined(ctx.calibration.samples[:n]).items():
+        feeds = [ctx.calibration.joined(ctx.calibration.samples[s:e]) for s, e in streams.spans(range(n), 256)]
+        for name in ctx.calibration.input_names:
+            arr = streams.layout(name).join([f[name] for f in feeds])
             streams.fp.put(name, arr)
             streams.q.put(name, arr)
         keep_after = needed_after(graph, ctx.regions)
@@ -169,7 +171,7 @@ class RegionRun:
         extra = [o for o in lin_outputs if o not in region.outputs]
         in_dtypes = {t: streams.fp[t].dtype for t in region.inputs}
         sess = make_session(region_model(graph, region, region.outputs + extra, in_dtypes),
-                            target_providers(ctx.device))
+                            target_providers(ctx.device), spin=False)
         y_fp_all = ort_outputs(sess, streams, streams.fp, region.inputs, region.outputs + extra, self.batch)
         y_fp = {o: y_fp_all[o] for o in region.outputs}
 

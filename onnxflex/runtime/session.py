@@ -172,8 +172,12 @@ def _has_qdq(model: onnx.ModelProto) -> bool:
     return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
 
 
-def _session_options(threads: int | None, optimization: str) -> ort.SessionOptions:
+def _session_options(threads: int | None, optimization: str, spin: bool = True) -> ort.SessionOptions:
     so = ort.SessionOptions()
+    if not spin:
+        # onnxruntime's threads spin-wait after each run; torch work that follows in the same process
+        # then fights them for the cores (RTN on YOLOv8n: most of the run was that wait)
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if optimization not in OPT_LEVELS:
         raise OnnxflexError(f"unknown graph optimization level {optimization!r}; choose one of {', '.join(OPT_LEVELS)}")
     so.graph_optimization_level = OPT_LEVELS[optimization]
@@ -199,6 +203,7 @@ def make_session(
     threads: int | None = None,
     optimization: str = "all",
     provider_options: dict[str, dict] | None = None,
+    spin: bool = True,
 ) -> ort.InferenceSession:
     """An :class:`onnxruntime.InferenceSession` for a path, ModelProto or serialized bytes.
 
@@ -207,8 +212,9 @@ def make_session(
     ``optimization``: disable | basic | extended | all.  ``provider_options``: {short or ORT name: {...}};
     TensorRT gets ``trt_int8_enable`` for Q/DQ models by default (TensorRT needs the INT8 flag to honour
     explicit Q/DQ).  The IR version is lowered when ORT refuses it; protos >= 2 GB go through a temp file.
+    ``spin=False`` for sessions whose runs alternate with torch work (reconstruction).
     """
-    so = _session_options(threads, optimization)
+    so = _session_options(threads, optimization, spin)
     provs = _resolve_providers(providers)
     opts_by = {}
     for k, v in (provider_options or {}).items():
