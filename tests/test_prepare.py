@@ -423,3 +423,44 @@ def test_torchscript_opset11_dynamic_axes_export(tmp_path):
     assert out.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
     _assert_same(model, out, batch=3)
     _assert_same(model, out, batch=1)
+
+
+def _opset12_reshape_model():
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 4], np.random.default_rng(0).normal(size=16).tolist())
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [-1, 4])
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"], name="mm"),
+             helper.make_node("Reshape", ["m", "shape"], ["y"], name="reshape")]
+    g = helper.make_graph(nodes, "r", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4])], [w, shape])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 12)], ir_version=7)
+
+
+def _break_reshape(model):
+    """What the optimiser once did to opset-12 models: Reshape(allowzero), which opset 13 does not have."""
+    for n in model.graph.node:
+        if n.op_type == "Reshape":
+            n.attribute.append(helper.make_attribute("allowzero", 0))
+    return model
+
+
+def test_prepared_model_that_onnxruntime_refuses_is_prepared_again_without_the_optimiser(monkeypatch):
+    from onnxflex.context import Context
+    from onnxflex.graph import Graph
+
+    real = PreparePass.prepare
+    monkeypatch.setattr(PreparePass, "prepare", lambda self, m: _break_reshape(real(self, m)) if self.fold_constants else real(self, m))
+    ctx = Context(config=None, target=None, method=None)
+    PreparePass().run(Graph(_opset12_reshape_model()), ctx)
+    sess = ort.InferenceSession(ctx.fp_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert sess.run(None, {"x": np.ones((2, 4), np.float32)})[0].shape == (2, 4)
+
+
+def test_preparation_that_breaks_a_loading_model_is_an_internal_error_not_the_users(monkeypatch):
+    from onnxflex.context import Context
+    from onnxflex.errors import InternalError
+    from onnxflex.graph import Graph
+
+    real = PreparePass.prepare
+    monkeypatch.setattr(PreparePass, "prepare", lambda self, m: _break_reshape(real(self, m)))
+    with pytest.raises(InternalError, match="internal error in preparation"):
+        PreparePass().run(Graph(_opset12_reshape_model()), Context(config=None, target=None, method=None))
