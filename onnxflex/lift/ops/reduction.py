@@ -56,6 +56,22 @@ def reduce_l2(inputs, attrs, opset):
     return _reduce(inputs, attrs, opset, 18, lambda x, d, k: torch.sqrt(torch.sum(x * x, d, keepdim=k)))
 
 
+def _prod(x, dims, keep):
+    for d in sorted(dims, reverse=True):  # torch.prod takes one dim at a time
+        x = torch.prod(x, d, keepdim=keep)
+    return x
+
+
+@register("ReduceProd")
+def reduce_prod(inputs, attrs, opset):
+    return _reduce(inputs, attrs, opset, 18, _prod)
+
+
+@register("ReduceL1")
+def reduce_l1(inputs, attrs, opset):
+    return _reduce(inputs, attrs, opset, 18, lambda x, d, k: torch.sum(torch.abs(x), d, keepdim=k))
+
+
 @register("GlobalAveragePool")
 def global_average_pool(inputs, attrs, opset):
     x = inputs[0]

@@ -1,0 +1,1 @@
+"""Real-world ONNX corpus (issue 10): manifest, fetching, input recipes, harness, tests."""
