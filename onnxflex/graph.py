@@ -40,6 +40,25 @@ class WeightSpec:
     weight_input: int = 1  # which input of the node the weight is (0 for a Gather's table)
 
 
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The bodies of an If/Loop/Scan node (empty for every other node)."""
+    out = []
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            out.append(a.g)
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            out.extend(a.graphs)
+    return out
+
+
+def all_nodes(g: onnx.GraphProto):
+    """Every node of ``g`` and, after each control-flow node, those of its bodies (depth first)."""
+    for n in g.node:
+        yield n
+        for sg in subgraphs(n):
+            yield from all_nodes(sg)
+
+
 def implicit_inputs(node: onnx.NodeProto) -> list[str]:
     """Outer-scope tensors that an If/Loop/Scan body reads: ONNX lists them nowhere on the node, yet
     the node depends on them like on its inputs."""
@@ -51,25 +70,21 @@ def implicit_inputs(node: onnx.NodeProto) -> list[str]:
             for t in n.input:
                 if t and t not in bound and t not in out:
                     out.append(t)
-            for a in n.attribute:
-                for sg in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                    visit(sg, bound)
+            for sg in subgraphs(n):
+                visit(sg, bound)
             bound |= set(n.output)
         for o in g.output:
             if o.name not in bound and o.name not in out:
                 out.append(o.name)
 
-    for a in node.attribute:
-        for sg in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-            visit(sg, set())
+    for sg in subgraphs(node):
+        visit(sg, set())
     return out
 
 
 def reads(node: onnx.NodeProto) -> list[str]:
     """Every tensor a node depends on: its inputs, then what its subgraphs read from outside."""
-    extra = implicit_inputs(node) if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-                                         for a in node.attribute) else []
-    return list(node.input) + [t for t in extra if t not in node.input]
+    return list(node.input) + [t for t in implicit_inputs(node) if t not in node.input]
 
 
 class Graph:

@@ -22,7 +22,7 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
 from onnxflex.errors import InternalError, OnnxflexError
-from onnxflex.graph import Graph
+from onnxflex.graph import Graph, subgraphs
 from onnxflex.passes.base import Pass
 from onnxflex.onnx_facts import MAX_IR_VERSION, MIN_QDQ_OPSET, PROTO_LIMIT, default_opset, upgrade_opset
 
@@ -274,12 +274,8 @@ def _name_nodes(model: onnx.ModelProto) -> None:
     def collect(g: onnx.GraphProto) -> None:
         graphs.append(g)
         for n in g.node:
-            for a in n.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    collect(a.g)
-                elif a.type == onnx.AttributeProto.GRAPHS:
-                    for sg in a.graphs:
-                        collect(sg)
+            for sg in subgraphs(n):
+                collect(sg)
 
     collect(model.graph)
     nodes = [n for g in graphs for n in g.node]

@@ -8,7 +8,7 @@ import logging
 import onnx
 
 from ..errors import OnnxflexError
-from ..graph import WEIGHTED_OPS, Graph
+from ..graph import WEIGHTED_OPS, Graph, all_nodes, subgraphs
 from .base import Pass
 
 log = logging.getLogger("onnxflex")
@@ -59,26 +59,10 @@ def control_flow_weights(g: onnx.GraphProto) -> dict:
     ops in its subgraphs (nested ones counted for the outermost node)."""
     found = {}
     for n in g.node:
-        subs = [a.g for a in n.attribute if a.type == onnx.AttributeProto.GRAPH]
-        subs += [sg for a in n.attribute if a.type == onnx.AttributeProto.GRAPHS for sg in a.graphs]
-        if not subs:
-            continue
         counts: dict = {}
-        for sg in subs:
-            for inner in _all_nodes(sg):
-                if inner.op_type in WEIGHTED_OPS + RECURRENT_OPS:
-                    counts[inner.op_type] = counts.get(inner.op_type, 0) + 1
+        for inner in (i for sg in subgraphs(n) for i in all_nodes(sg)):
+            if inner.op_type in WEIGHTED_OPS + RECURRENT_OPS:
+                counts[inner.op_type] = counts.get(inner.op_type, 0) + 1
         if counts:
             found[f"{n.op_type} {n.name!r}"] = counts
     return found
-
-
-def _all_nodes(g: onnx.GraphProto):
-    for n in g.node:
-        yield n
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield from _all_nodes(a.g)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for sg in a.graphs:
-                    yield from _all_nodes(sg)

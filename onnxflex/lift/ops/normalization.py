@@ -18,20 +18,18 @@ def _coerce_2d(x: Tensor, axis: int, fn: Callable[[Tensor], Tensor]) -> Tensor:
     return fn(x.reshape(lead, -1)).reshape(shape)
 
 
-@register("Softmax")
-def softmax(inputs, attrs, opset):
-    x = inputs[0]
-    if opset < 13:
-        return [_coerce_2d(x, attrs.get("axis", 1), lambda t: torch.softmax(t, 1))]
-    return [torch.softmax(x, attrs.get("axis", -1))]
+def _softmax_op(fn):
+    """Softmax/LogSoftmax: before opset 13 over the input coerced to 2-D at ``axis`` (default 1)."""
+    def lift(inputs, attrs, opset):
+        x = inputs[0]
+        if opset < 13:
+            return [_coerce_2d(x, attrs.get("axis", 1), lambda t: fn(t, 1))]
+        return [fn(x, attrs.get("axis", -1))]
+    return lift
 
 
-@register("LogSoftmax")
-def log_softmax(inputs, attrs, opset):
-    x = inputs[0]
-    if opset < 13:
-        return [_coerce_2d(x, attrs.get("axis", 1), lambda t: torch.log_softmax(t, 1))]
-    return [torch.log_softmax(x, attrs.get("axis", -1))]
+register("Softmax")(_softmax_op(torch.softmax))
+register("LogSoftmax")(_softmax_op(torch.log_softmax))
 
 
 @register("LayerNormalization")

@@ -26,50 +26,25 @@ def _reduce(inputs, attrs, opset, axes_input_since: int, fn) -> list:
     return [fn(x, dims, keep)]
 
 
-@register("ReduceMean")
-def reduce_mean(inputs, attrs, opset):
-    return _reduce(inputs, attrs, opset, 18, lambda x, d, k: torch.mean(x, d, keepdim=k))
-
-
-@register("ReduceSum")
-def reduce_sum(inputs, attrs, opset):
-    return _reduce(inputs, attrs, opset, 13, lambda x, d, k: torch.sum(x, d, keepdim=k))
-
-
-@register("ReduceMax")
-def reduce_max(inputs, attrs, opset):
-    return _reduce(inputs, attrs, opset, 18, lambda x, d, k: torch.amax(x, d, keepdim=k))
-
-
-@register("ReduceMin")
-def reduce_min(inputs, attrs, opset):
-    return _reduce(inputs, attrs, opset, 18, lambda x, d, k: torch.amin(x, d, keepdim=k))
-
-
-@register("ReduceSumSquare")
-def reduce_sum_square(inputs, attrs, opset):
-    return _reduce(inputs, attrs, opset, 18, lambda x, d, k: torch.sum(x * x, d, keepdim=k))
-
-
-@register("ReduceL2")
-def reduce_l2(inputs, attrs, opset):
-    return _reduce(inputs, attrs, opset, 18, lambda x, d, k: torch.sqrt(torch.sum(x * x, d, keepdim=k)))
-
-
 def _prod(x, dims, keep):
     for d in sorted(dims, reverse=True):  # torch.prod takes one dim at a time
         x = torch.prod(x, d, keepdim=keep)
     return x
 
 
-@register("ReduceProd")
-def reduce_prod(inputs, attrs, opset):
-    return _reduce(inputs, attrs, opset, 18, _prod)
-
-
-@register("ReduceL1")
-def reduce_l1(inputs, attrs, opset):
-    return _reduce(inputs, attrs, opset, 18, lambda x, d, k: torch.sum(torch.abs(x), d, keepdim=k))
+# op -> (first opset whose axes are an input, not an attribute; the reduction over dims d, keepdim k)
+_REDUCTIONS = {
+    "ReduceMean": (18, lambda x, d, k: torch.mean(x, d, keepdim=k)),
+    "ReduceSum": (13, lambda x, d, k: torch.sum(x, d, keepdim=k)),
+    "ReduceMax": (18, lambda x, d, k: torch.amax(x, d, keepdim=k)),
+    "ReduceMin": (18, lambda x, d, k: torch.amin(x, d, keepdim=k)),
+    "ReduceSumSquare": (18, lambda x, d, k: torch.sum(x * x, d, keepdim=k)),
+    "ReduceL2": (18, lambda x, d, k: torch.sqrt(torch.sum(x * x, d, keepdim=k))),
+    "ReduceL1": (18, lambda x, d, k: torch.sum(torch.abs(x), d, keepdim=k)),
+    "ReduceProd": (18, _prod),
+}
+for _op, (_since, _fn) in _REDUCTIONS.items():
+    register(_op)(lambda inputs, attrs, opset, since=_since, fn=_fn: _reduce(inputs, attrs, opset, since, fn))
 
 
 @register("GlobalAveragePool")
