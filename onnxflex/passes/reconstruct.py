@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..context import RegionReport, WeightResult
+from ..errors import OnnxflexError
 from ..graph import Graph
 from ..lift.region import RegionModule
 from ..methods import get_method
@@ -86,11 +87,15 @@ class ReconstructPass(Pass):
         batching = ctx.batching
         unit = batching.locked_unit or 1
         n = ctx.calibration.num_samples // unit * unit  # a locked graph runs whole units
+        if n == 0:
+            raise OnnxflexError(f"the model runs {unit} samples at a time but the calibration data holds "
+                                f"{ctx.calibration.num_samples}; give at least {unit} samples")
         n_hold = (min(EVAL_SAMPLES, n // 8) if n >= 16 else 0) // unit * unit
         mask = ctx.calibration.token_mask
         streams = Streams(TensorStore(budget), TensorStore(budget), n, n - n_hold,
                           None if mask is None else np.asarray(mask[:n], np.float32), batching)
-        feeds = [ctx.calibration.joined(ctx.calibration.samples[s:e]) for s, e in streams.spans(range(n), 256)]
+        # one span (no copy beyond the join) unless the graph is locked: then one feed per unit
+        feeds = [ctx.calibration.joined(ctx.calibration.samples[s:e]) for s, e in streams.spans(range(n), n)]
         for name in ctx.calibration.input_names:
             arr = streams.layout(name).join([f[name] for f in feeds])
             streams.fp.put(name, arr)
