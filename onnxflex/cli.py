@@ -46,8 +46,11 @@ def preprocess_options(f):
 
 def text_options(f):
     """Tokenizer flags shared by quantize and eval (text files as data)."""
+    f = click.option("--seq-len", type=int, default=None,
+                     help="decoder LMs: tokens per window; the .txt is one token stream cut into windows, "
+                          "--calib-size of them (default: the model's fixed length, else 512)")(f)
     f = click.option("--max-length", type=int, default=128, show_default=True,
-                     help="tokens per text (truncation; texts are padded to the longest)")(f)
+                     help="encoders: tokens per text (truncation; texts are padded to the longest)")(f)
     return click.option("--tokenizer", type=click.Path(file_okay=False), default=None,
                         help="Hugging Face tokenizer folder (tokenizer.json or vocab.txt) for .txt data")(f)
 
@@ -98,6 +101,9 @@ def main(verbose):
 @click.option("--act-bits", type=click.Choice(["8", "16", "0"]), default="8", show_default=True,
               help="0 = weight-only")
 @click.option("--granularity", type=click.Choice(["channel", "tensor"]), default="channel", show_default=True)
+@click.option("--block-size", type=int, default=0, show_default=True,
+              help="MatMul/Gemm weights: one scale per block of this many input rows (32, 64, 128; 0 = per channel); "
+                   "blocked DequantizeLinear at opset 21, which onnxruntime runs as MatMulNBits")
 @click.option("--regions", type=click.Choice(REGION_MODES), default="auto", show_default=True)
 @click.option("--preset", type=click.Choice(list(PRESETS)), default="fast", show_default=True,
               help="fast: 200 iters/region; default: 1000; paper: 20000 (BRECQ/QDrop)")
@@ -130,21 +136,22 @@ def main(verbose):
 @click.option("-q", "--quiet", is_flag=True, help="no progress bars")
 @preprocess_options
 @user_errors
-def quantize(model, calib, output, method, weight_bits, act_bits, granularity, regions, preset, iters, batch_size,
+def quantize(model, calib, output, method, weight_bits, act_bits, granularity, block_size, regions, preset, iters, batch_size,
              lr, act_lr, drop_prob, calib_size, augment, calib_method, first_last_bits, exclude, quantize_attention,
-             tokenizer, max_length, device, tf32, max_memory, target, report, seed, quiet, preprocess, size, resize, mean, std):
+             tokenizer, max_length, seq_len, device, tf32, max_memory, target, report, seed, quiet, preprocess, size, resize, mean, std):
     """Quantize MODEL with calibration data and write a QDQ ONNX model."""
     from .api import quantize as run_quantize
 
     cfg = QuantConfig(method=method, weight_bits=int(weight_bits), act_bits=int(act_bits), granularity=granularity,
-                      regions=regions, preset=preset, iters=iters, batch_size=batch_size, lr=lr, act_lr=act_lr, drop_prob=drop_prob,
+                      block_size=block_size, regions=regions, preset=preset, iters=iters, batch_size=batch_size, lr=lr,
+                      act_lr=act_lr, drop_prob=drop_prob,
                       calib_size=calib_size, augment=augment, calib_method=calib_method, first_last_bits=first_last_bits or None,
                       exclude=list(exclude), quantize_act_matmul=quantize_attention, device=device, tf32=tf32, seed=seed,
                       max_memory=max_memory, target=target,
                       progress=not quiet)
     source = calib[0] if len(calib) == 1 else list(calib)
     result = run_quantize(model, output, source, cfg, preprocess=_preprocess(preprocess, size, resize, mean, std),
-                          tokenizer=tokenizer, max_length=max_length, report=report)
+                          tokenizer=tokenizer, max_length=max_length, seq_len=seq_len, report=report)
     click.echo(result.format_table())
     click.echo(f"wrote {result.output}  (report: {result.report_path})")
 
@@ -156,18 +163,33 @@ def quantize(model, calib, output, method, weight_bits, act_bits, granularity, r
 @click.option("--labels", default=None, help="labels.csv (columns file, class_index); default DATA/labels.csv")
 @click.option("--ref", default=None, help="FP32 reference model for agreement / SQNR / cosine")
 @click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--limit", type=int, default=None, help="evaluate only the first N samples")
+@click.option("--limit", type=int, default=None, help="evaluate only the first N samples (windows with --perplexity)")
 @click.option("--output", "output_name", default=None, help="model output to score (default: the first float output)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option("--perplexity", "ppl", is_flag=True,
+              help="decoder LMs: perplexity over --seq-len windows of the .txt (one token stream); with --ref also "
+                   "KL(ref||model) and top-1 next-token agreement")
 @click.option("--ort-opt", type=click.Choice(["disable", "basic", "all"]), default="disable", show_default=True,
               help="ORT graph optimisation; 'all' fuses Q/DQ into ORT-CPU int8 kernels (see README)")
 @text_options
 @preprocess_options
 @user_errors
-def eval_cmd(model, data, labels, ref, batch_size, limit, output_name, as_json, ort_opt, tokenizer, max_length, preprocess, size,
-             resize, mean, std):
-    """Top-1/top-5, agreement with a reference, output SQNR (or embedding cosine)."""
+def eval_cmd(model, data, labels, ref, batch_size, limit, output_name, as_json, ppl, ort_opt, tokenizer, max_length, seq_len,
+             preprocess, size, resize, mean, std):
+    """Top-1/top-5, agreement with a reference, output SQNR (or embedding cosine); --perplexity for decoder LMs."""
     from .runtime.evaluate import evaluate
+
+    if ppl:
+        from pathlib import Path
+
+        from .calib.text import is_text_file
+        from .runtime.perplexity import perplexity
+
+        if not is_text_file(data):
+            raise OnnxflexError(f"--perplexity needs a .txt corpus as --data, got {data}")
+        res = perplexity(model, Path(data), tokenizer, seq_len=seq_len, ref=ref, limit_windows=limit, optimization=ort_opt)
+        click.echo(json.dumps(res.to_dict(), indent=2) if as_json else res.format_table())
+        return
 
     rep = evaluate(model, data, labels=labels, ref=ref, preprocess=_preprocess(preprocess, size, resize, mean, std),
                    batch_size=batch_size, limit=limit, optimization=ort_opt, tokenizer=tokenizer, max_length=max_length,

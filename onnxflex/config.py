@@ -28,6 +28,9 @@ class QuantConfig:
     weight_bits: int = 8
     act_bits: int = 8  # 0 = weight-only
     granularity: str = "channel"  # channel | tensor (weight scales)
+    # MatMul/Gemm weights: one scale per block of this many input rows per output channel (0 = per channel);
+    # written as a blocked DequantizeLinear (opset 21), which onnxruntime runs as MatMulNBits
+    block_size: int = 0
     regions: str = "auto"  # auto | layer | block
     preset: str = "fast"
     iters: Optional[int] = None
@@ -68,6 +71,13 @@ class QuantConfig:
             raise OnnxflexError(f"--weight-bits {self.weight_bits} is not supported; use 8, 4, 3 or 2")
         if self.act_bits not in (0, 8, 16):
             raise OnnxflexError(f"--act-bits {self.act_bits} is not supported; use 8, 16 or 0 (weight-only)")
+        if self.block_size and (self.block_size < 16 or self.block_size & (self.block_size - 1)):
+            raise OnnxflexError(f"--block-size {self.block_size} is not supported; use 0 (per channel) or a power of two "
+                                "from 16 (32, 64, 128 are usual)")
+        if self.block_size and self.granularity != "channel":
+            raise OnnxflexError("--block-size needs --granularity channel (blocks split each output channel)")
+        if self.block_size and self.method == "gptq":
+            raise OnnxflexError("--method gptq keeps one scale per output channel; use --block-size 0, or rtn/adaround/flexround")
         if self.calib_size < 1:
             raise OnnxflexError("--calib-size must be at least 1")
         cfg = dataclasses.replace(self)

@@ -67,8 +67,9 @@ class WeightResult:
 
     spec: WeightSpec
     integers: np.ndarray  # int32, weight layout
-    scale: np.ndarray  # float32, [Cout] or 0-d
+    scale: np.ndarray  # float32, [Cout] or 0-d; block-wise the weight's rank with ceil(K / block_size) on in_axis
     bits: int
+    block_size: int = 0
 
 
 @dataclass

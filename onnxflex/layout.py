@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Optional
 
 import numpy as np
 import onnx
 
 from .graph import Graph
+from .runtime.memory import trim
 
 log = logging.getLogger("onnxflex")
 
@@ -140,17 +142,46 @@ def _relaxed(model: onnx.ModelProto, axes: dict) -> onnx.ModelProto:
     return m
 
 
-def _same(a: np.ndarray, b: np.ndarray) -> bool:
+DIGEST = 4096  # elements of a probed tensor kept to tell a shared tensor from a per-sample one
+PROBE_BYTES = 256 << 20  # outputs fetched per probe run: a decoder's every intermediate at once is 10+ GB
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What the probe keeps of a tensor: its shape and up to DIGEST evenly spaced elements."""
+
+    shape: tuple
+    sample: np.ndarray
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @classmethod
+    def of(cls, v) -> "Seen":
+        if isinstance(v, Seen):
+            return v
+        v = np.asarray(v)
+        flat = v.reshape(-1)
+        if flat.size > DIGEST:
+            flat = flat[np.linspace(0, flat.size - 1, DIGEST).astype(np.int64)]
+        return cls(tuple(v.shape), flat.copy())
+
+
+def _same(a: Seen, b: Seen) -> bool:
     if a.shape != b.shape:
         return False
-    if a.dtype.kind == "f":
-        scale = float(np.max(np.abs(a))) if a.size else 0.0
-        return bool(np.allclose(a, b, rtol=1e-3, atol=1e-4 * max(scale, 1e-6)))
-    return bool(np.array_equal(a, b))
+    x, y = a.sample, b.sample
+    if x.dtype.kind == "f":
+        scale = float(np.max(np.abs(x))) if x.size else 0.0
+        return bool(np.allclose(x, y, rtol=1e-3, atol=1e-4 * max(scale, 1e-6)))
+    return bool(np.array_equal(x, y))
 
 
-def classify(one: np.ndarray, two: np.ndarray, unit: int) -> Optional[Layout]:
-    """A tensor's layout from its value on one unit and on two units; None when it follows no batch."""
+def classify(one, two, unit: int) -> Optional[Layout]:
+    """A tensor's layout from its value on one unit and on two units (arrays, or what the probe kept
+    of them); None when it follows no batch."""
+    one, two = Seen.of(one), Seen.of(two)
     if one.shape == two.shape:
         return SHARED if _same(one, two) else None
     if one.ndim != two.ndim:
@@ -168,17 +199,18 @@ def probe(model: onnx.ModelProto, feed_one: dict, feed_two: Optional[dict], inpu
     sample) with every tensor as an output, and read each tensor's layout off the two results."""
     from .runtime.session import make_session
 
-    make = session_factory or make_session
+    make = session_factory or partial(make_session, arena=False)
     graph = Graph(model)
     probed, names = _typed_outputs(model, graph)
-    one = dict(zip(names, make(probed).run(names, feed_one)))
+    one = _run_seen(make(probed), names, feed_one)
     inputs = {n: (SHARED if a is None else Layout(a)) for n, a in input_axes.items()}
     result = Batching(shapes={t: v.shape for t, v in one.items()}, unit=unit, inputs=tuple(inputs))
     if feed_two is None:
         result.layouts = {**{t: _guess(v, unit) for t, v in one.items()}, **inputs}
         return result
     try:
-        two = dict(zip(names, make(_relaxed(probed, input_axes)).run(names, feed_two)))
+        nbytes = {t: 2 * int(np.prod(v.shape)) * v.sample.itemsize for t, v in one.items()}
+        two = _run_seen(make(_relaxed(probed, input_axes)), names, feed_two, nbytes)
     except Exception as e:  # noqa: BLE001 - the graph cannot take a bigger batch: run it unit by unit
         return _locked(result, inputs, unit, f"it does not run on a batch of {2 * unit} ({str(e).splitlines()[0][:160]})")
     for t, v in one.items():
@@ -192,7 +224,28 @@ def probe(model: onnx.ModelProto, feed_one: dict, feed_two: Optional[dict], inpu
     return result
 
 
-def _guess(v: np.ndarray, unit: int) -> Layout:
+def _run_seen(sess, names: list, feed: dict, nbytes: Optional[dict] = None) -> dict:
+    """{tensor: Seen} for every name, fetched from one session a group at a time (groups of about
+    PROBE_BYTES when sizes are known, else of 512 tensors) so all intermediates never coexist."""
+    out, group, size = {}, [], 0
+
+    def flush():
+        for t, v in zip(group, sess.run(group, feed)):
+            out[t] = Seen.of(v)
+        trim()
+
+    for t in names:
+        group.append(t)
+        size += nbytes[t] if nbytes else 0
+        if (nbytes and size >= PROBE_BYTES) or (not nbytes and len(group) >= 512):
+            flush()
+            group, size = [], 0
+    if group:
+        flush()
+    return out
+
+
+def _guess(v: Seen, unit: int) -> Layout:
     """With a single sample there is nothing to compare: batch on axis 0 where its size is the unit."""
     return BATCH0 if v.ndim and v.shape[0] == unit else SHARED
 

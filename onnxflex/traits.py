@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from .calib.windows import is_decoder, proto_io_specs
 from .graph import Graph, reads
 
 SHAPE_OPS = ("Shape", "Size")  # read only a tensor's shape: their outputs carry no activation data
@@ -69,6 +70,7 @@ class ModelTraits:
     kv_cache_inputs: list = field(default_factory=list)
     kv_cache_outputs: list = field(default_factory=list)
     static_batch: dict = field(default_factory=dict)  # input -> batch size fixed by the graph
+    decoder: bool = False  # a causal LM (calib.windows.is_decoder): token windows, only the LM head kept wider
 
     @classmethod
     def of(cls, graph: Graph) -> "ModelTraits":
@@ -79,4 +81,4 @@ class ModelTraits:
                    after_weights=weight_dependent(graph),
                    kv_cache_inputs=[i for i in graph.input_names if kv(i)],
                    kv_cache_outputs=[o for o in graph.output_names if kv(o)],
-                   static_batch=_static_batch(graph))
+                   static_batch=_static_batch(graph), decoder=is_decoder(*proto_io_specs(graph.model)))

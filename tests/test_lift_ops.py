@@ -118,6 +118,11 @@ for _op in ("Min", "Max", "Sum", "Mean"):
     case(_op, [f(2, 3, 4), f(3, 1), f(4)], label="3-inputs")
     case(_op, [f(2, 3)], label="1-input")
 case("Max", [i64([1, 5, -3]), i64([2, 2, 2])], label="int64")
+_special = np.array([[0.5, np.nan, np.inf], [-np.inf, -2.0, np.nan]], np.float32)
+case("IsNaN", [_special])
+case("IsInf", [_special], label="both")
+case("IsInf", [_special], dict(detect_negative=0), label="positive")
+case("IsInf", [_special], dict(detect_positive=0), label="negative")
 case("Cast", [f(3, 4) * 5], dict(to=onnx.TensorProto.INT64), label="float-to-int64")
 case("Cast", [i64([1, -2, 3])], dict(to=onnx.TensorProto.FLOAT), label="int64-to-float")
 case("Cast", [f(3, 4) * 100], dict(to=onnx.TensorProto.FLOAT16), label="to-fp16")
@@ -164,6 +169,13 @@ case("ReduceL2", [x4], dict(axes=[3], keepdims=0))
 case("ReduceProd", [x4], dict(axes=[1, 3]), label="attr")
 case("ReduceProd", [i64([[1, 2], [3, 4]]), i64([1])], dict(keepdims=0), opset=18, label="int64-input")
 case("ReduceL1", [x4], dict(axes=[2], keepdims=0))
+# CumSum: the decoders' position ids are cumsum(attention_mask) - 1 on int64
+case("CumSum", [f(2, 3, 4), np.int64(1)], label="float")
+case("CumSum", [i64([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]), i64(-1)], label="int64-mask")
+case("CumSum", [f(2, 5), np.int32(1)], dict(exclusive=1), label="exclusive-int32-axis")
+case("CumSum", [f(2, 5), i64([0])], dict(reverse=1), label="reverse")
+case("CumSum", [i64([[1, 2, 3], [4, 5, 6]]), np.int64(1)], dict(exclusive=1, reverse=1), label="exclusive-reverse")
+case("CumSum", [np.array([1, 2, 3], np.int32), np.int64(0)], label="int32")
 case("GlobalAveragePool", [f(2, 3, 5, 6)])
 case("GlobalAveragePool", [f(2, 3, 7)], label="1d")
 case("GlobalMaxPool", [f(2, 3, 5, 6)])
@@ -219,6 +231,19 @@ case("GatherElements", [f(3, 4), i64([[0, 1, -1, 2]] * 3)], dict(axis=1))
 case("GatherND", [f(2, 3, 4), i64([[0, 1], [1, -1]])], label="pairs")
 case("GatherND", [f(2, 3, 4), i64([[[1], [0]], [[2], [1]]])], dict(batch_dims=1), label="batch-dims")
 case("GatherND", [f(2, 3), i64([[0, 2], [1, 0], [1, 1]])], label="to-scalars")
+case("ScatterND", [f(4, 3), i64([[2], [0]]), f(2, 3)], label="rows")
+case("ScatterND", [f(2, 3, 4), i64([[0, 1, 2], [1, 2, -1]]), f(2)], label="elements-neg")
+case("ScatterND", [f(2, 3, 4), i64([[[0, 1]], [[1, 0]]]), f(2, 1, 4)], label="batched-idx")
+case("ScatterND", [i64([1, 2, 3, 4]), i64([[3], [1]]), i64([9, 8])], label="int64")
+case("ScatterND", [f(4, 3), i64([[1], [1], [3]]), f(3, 3)], dict(reduction="add"), opset=16, label="add-dup")
+case("ScatterND", [f(4, 3), i64([[1], [3]]), f(2, 3)], dict(reduction="mul"), opset=16, label="mul")
+case("ScatterND", [f(4, 3), i64([[1], [1], [3]]), f(3, 3)], dict(reduction="max"), opset=18, label="max-dup")
+case("ScatterND", [f(4, 3), i64([[0], [3]]), f(2, 3)], dict(reduction="min"), opset=18, label="min")
+case("Trilu", [f(2, 4, 5)], label="upper")
+case("Trilu", [f(2, 4, 5), np.int64(1)], dict(upper=0), label="lower-k1")
+case("Trilu", [f(5, 4), np.int64(-2)], label="upper-kneg")
+case("Trilu", [i64(np.arange(12).reshape(3, 4))], dict(upper=0), label="int64")
+case("Trilu", [np.ones((3, 3), bool), np.int64(1)], label="bool-causal")
 case("Unsqueeze", [f(3, 4), i64([0, -1])], label="input-axes")
 case("Unsqueeze", [np.int64(7), i64([0])], label="scalar")
 case("Unsqueeze", [f(3, 4)], dict(axes=[1, 3]), opset=11, label="attr-axes")
@@ -345,7 +370,7 @@ REQUIRED = """Conv ConvTranspose Gemm MatMul Add Sub Mul Div Relu LeakyRelu Clip
 Tanh Erf Gelu Softmax LayerNormalization BatchNormalization ReduceMean ReduceSum GlobalAveragePool
 AveragePool MaxPool Reshape Flatten Transpose Concat Split Slice Gather Unsqueeze Squeeze Pad Resize Pow
 Sqrt Cast Identity Dropout Shape Expand Where Equal Less Greater Not And Neg Exp Log Abs Reciprocal Min
-Max ConstantOfShape Range Einsum Constant""".split()
+Max ConstantOfShape Range Einsum Constant CumSum""".split()
 
 
 def test_registry_has_required_ops():
@@ -375,6 +400,10 @@ def test_node_attrs_decodes_python_values():
     ("Slice", [f(4, 6), torch.tensor([-1]), torch.tensor([INT64_MIN]), torch.tensor([1]), torch.tensor([-2])], {}),
     ("AveragePool", [f(1, 2, 7, 7)], dict(kernel_shape=[3, 3], strides=[2, 2], pads=[0, 1, 1, 0], ceil_mode=1)),
     ("Conv", [f(1, 2, 8, 8), f(3, 2, 3, 3)], dict(auto_pad="SAME_UPPER", strides=[2, 2])),
+    ("CumSum", [f(2, 5), torch.tensor(1)], dict(exclusive=1, reverse=1)),
+    ("ScatterND", [f(4, 3), torch.tensor([[2], [0]]), f(2, 3)], {}),
+    ("ScatterND", [f(4, 3), torch.tensor([[1], [1]]), f(2, 3)], dict(reduction="add")),
+    ("Trilu", [f(2, 4, 4)], dict(upper=0)),
 ])
 def test_gradients_flow(op, inputs, attrs):
     """Ops that index or pad must stay differentiable w.r.t. the data (and weights)."""

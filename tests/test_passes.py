@@ -149,6 +149,7 @@ def test_auto_regions_of_gptq_are_layers_even_for_attention():
 
     assert auto_mode("cpu", attention=True) == "block"
     assert auto_mode("cpu", attention=True, method_mode=get_method("gptq").region_mode) == "layer"
+    assert auto_mode("cpu", attention=True, decoder=True) == "layer" and auto_mode("cuda", True, decoder=True) == "block"
 
 
 # ----------------------------------------------------------------------------- placement per target

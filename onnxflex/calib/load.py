@@ -17,7 +17,8 @@ from .arrays import file_samples, iterable_samples, single_input_samples
 from .dataset import CalibrationSet, norm_specs, static_batch
 from .images import load_image_folder
 from .preprocess import Preprocess
-from .text import infer_token_mask, is_text_file, load_text_calibration
+from .text import infer_token_mask, is_text_file, load_decoder_text, load_text_calibration
+from .windows import is_decoder
 
 
 def load_calibration(
@@ -30,6 +31,8 @@ def load_calibration(
     augment: int = 0,
     tokenizer: str | Path | None = None,
     max_length: int = 128,
+    seq_len: int | None = None,
+    decoder: bool | None = None,
 ) -> CalibrationSet:
     """Load calibration data and validate it against ``input_specs`` ({name: (shape, dtype)}).
 
@@ -38,6 +41,10 @@ def load_calibration(
     (keys = input names), a ``.txt`` file (one text per line, tokenized with the ``tokenizer`` folder,
     ``max_length`` tokens), a numpy array (single input), or an iterable of ``{name: array}`` dicts
     (each may hold a batch).
+    Text and decoders: a ``.txt`` file for a decoder (``decoder`` True, or None and
+    :func:`~onnxflex.calib.windows.is_decoder` says so from the input names) is one token stream cut into
+    ``size`` windows of ``seq_len`` tokens (default: the model's fixed length, else 512), each fed with an
+    empty KV cache; see :func:`~onnxflex.calib.text.load_decoder_text`.  ``max_length`` is for encoders only.
     ``size``: keep at most this many samples -- the first ones in sorted (folders) or given order; None
     keeps all.  ``augment``: for image folders, this many random-crop views per image besides the center
     crop (``size`` still counts images); ``seed`` fixes those crops.
@@ -47,6 +54,8 @@ def load_calibration(
     if isinstance(source, CalibrationSet):
         calib = source
     elif is_text_file(source):
+        if is_decoder(input_specs) if decoder is None else decoder:
+            return load_decoder_text(source, input_specs, tokenizer, seq_len=seq_len, size=size)
         return load_text_calibration(source, input_specs, tokenizer, max_length=max_length, size=size)
     else:
         calib = _load_feeds(source, input_specs, size, preprocess, seed, augment)

@@ -1,10 +1,13 @@
-"""Text calibration for transformer encoders: a text file (one text per line) -> token feeds.
+"""Text calibration: a text file -> token feeds, with the model's own tokenizer.
 
-Encoder models take token ids, not text, so calibrating them needs the model's own tokenizer.  This
-module reads the texts, tokenizes them with a Hugging Face tokenizer folder (``tokenizer.json``, or a
-BERT ``vocab.txt``), pads every text to one common length so samples batch together, and returns a
-:class:`~onnxflex.calib.CalibrationSet` whose ``token_mask`` marks the padding, so that padded
+Encoders (BERT-like): one text per line, tokenized with a Hugging Face tokenizer folder
+(``tokenizer.json``, or a BERT ``vocab.txt``), every text padded to one common length so samples batch
+together; the :class:`~onnxflex.calib.CalibrationSet`'s ``token_mask`` marks the padding, so that padded
 positions do not skew activation ranges.
+
+Decoders (causal LMs, see :func:`onnxflex.calib.windows.is_decoder`): the whole file is one token stream
+cut into windows of ``seq_len`` tokens (:func:`load_decoder_text`); nothing is padded, so ``token_mask``
+is None (every position counts).
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import numpy as np
 
 from ..errors import OnnxflexError
 from .dataset import CalibrationSet, fmt_shape, is_static, norm_specs, static_batch
+from .windows import DEFAULT_SEQ_LEN, decoder_feeds, static_seq_len, token_windows
 
 TEXT_EXTENSIONS = (".txt", ".text")
 TOKEN_INPUTS = "input_ids / ids / input, attention_mask / mask, token_type_ids / segment_ids"
@@ -26,19 +30,24 @@ def is_text_file(path: Any) -> bool:
     return isinstance(path, (str, Path)) and Path(path).suffix.lower() in TEXT_EXTENSIONS
 
 
-def read_texts(path: str | Path) -> list[str]:
-    """Non-empty, stripped lines of a UTF-8 text file (one text per line), in file order."""
-    p = Path(path)
+def _read_bytes(p: Path, what: str, hint: str) -> bytes:
+    """The bytes of a text file, or one error line saying what is wrong with the path."""
     if not p.exists():
-        raise OnnxflexError(f"calibration text file {p} does not exist; check the path")
+        raise OnnxflexError(f"{what} {p} does not exist; check the path")
     if p.is_dir():
-        raise OnnxflexError(f"{p} is a folder, not a text file; pass a UTF-8 .txt file with one text per line")
+        raise OnnxflexError(f"{p} is a folder, not a text file; pass {hint}")
     try:
-        raw = p.read_bytes()
+        return p.read_bytes()
     except PermissionError:
         raise OnnxflexError(f"cannot read {p} (permission denied); fix its permissions") from None
     except OSError as e:
         raise OnnxflexError(f"cannot read {p} ({e.strerror or e}); check the file") from None
+
+
+def read_texts(path: str | Path) -> list[str]:
+    """Non-empty, stripped lines of a UTF-8 text file (one text per line), in file order."""
+    p = Path(path)
+    raw = _read_bytes(p, "calibration text file", "a UTF-8 .txt file with one text per line")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -48,6 +57,59 @@ def read_texts(path: str | Path) -> list[str]:
     if not texts:
         raise OnnxflexError(f"{p} holds no text; put one calibration text per line")
     return texts
+
+
+def read_text_stream(path: str | Path) -> str:
+    """The whole UTF-8 (else Latin-1) text of a file, line ends normalised to ``\\n``: one token stream."""
+    p = Path(path)
+    raw = _read_bytes(p, "text file", "a UTF-8 .txt file")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")  # every byte decodes; older corpora (gensim's lee.cor) are Latin-1
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if not text.strip():
+        raise OnnxflexError(f"{p} holds no text")
+    return text
+
+
+def tokenize_stream(text: str, tokenizer_folder: str | Path) -> np.ndarray:
+    """``text`` as one int64 token stream: no padding, no truncation, the tokenizer's own special tokens
+    (e.g. one BOS at the start) as ``transformers`` adds them."""
+    tok = load_tokenizer(tokenizer_folder)
+    tok.no_padding()
+    tok.no_truncation()
+    try:
+        ids = tok.encode(text).ids
+    except Exception as e:
+        raise OnnxflexError(f"tokenizing the text failed ({type(e).__name__}: {e}); check the tokenizer") from None
+    return np.asarray(ids, dtype=np.int64)
+
+
+def load_decoder_text(
+    path: str | Path, input_specs: dict, tokenizer: str | Path | None, seq_len: int | None = None, size: int | None = None
+) -> CalibrationSet:
+    """A text file -> :class:`CalibrationSet` of ``size`` windows of ``seq_len`` tokens (the GPTQ/FlexRound
+    decoder protocol): the file tokenized as one stream, cut into consecutive non-overlapping windows, each
+    one sample fed as :func:`~onnxflex.calib.windows.decoder_feeds` builds it (empty KV cache).
+
+    ``seq_len`` None: the model's fixed sequence length, else 512.  ``size`` None: every full window.
+    ``token_mask`` is None: no position is padding.
+    """
+    if tokenizer is None:
+        raise OnnxflexError("decoder text calibration needs --tokenizer DIR (a Hugging Face tokenizer folder with tokenizer.json)")
+    if size is not None and int(size) < 1:
+        raise OnnxflexError(f"calibration size must be at least 1, got {size}")
+    specs = norm_specs(input_specs)
+    fixed = static_seq_len(specs)
+    if seq_len is None:
+        seq_len = fixed or DEFAULT_SEQ_LEN
+    elif fixed is not None and int(seq_len) != fixed:
+        raise OnnxflexError(f"the model takes exactly {fixed} tokens; use --seq-len {fixed} (got {seq_len})")
+    ids = tokenize_stream(read_text_stream(path), tokenizer)
+    windows = token_windows(ids, int(seq_len), None if size is None else int(size))
+    samples = decoder_feeds(windows, specs)
+    return CalibrationSet(samples, list(specs), str(path), None, static_batch(specs), specs, token_mask=None)
 
 
 def _read_config(folder: Path) -> dict:

@@ -23,15 +23,18 @@ SIDE_RATIO = 0.01  # a live tensor this much smaller than the largest one is a s
 MAX_PERIOD = 4  # longest repeating unit of spans looked for (attention + MLP = 2)
 
 
-def live_sets(graph: Graph) -> list[set]:
-    """live[i] = non-constant tensors produced at or before node i and read after it."""
+def live_sets(graph: Graph, outputs: bool = True) -> list[set]:
+    """live[i] = non-constant tensors produced at or before node i and read after it.
+
+    ``outputs=False`` leaves out graph outputs that no later node reads: a decoder's ``present.*`` KV
+    tensors are finished once written, so they must not stop the cuts between its layers."""
     pos_last = {}
     n_nodes = len(graph.nodes)
     for i, n in enumerate(graph.nodes):
         for t in reads(n):
             if t and not graph.is_constant(t):
                 pos_last[t] = i
-    for t in graph.output_names:
+    for t in graph.output_names if outputs else ():
         pos_last[t] = n_nodes
     produced_at = {t: -1 for t in graph.input_names}
     for i, n in enumerate(graph.nodes):
@@ -204,7 +207,7 @@ def partition(graph: Graph, mode: str = "auto", quantize: Optional[set] = None,
     int_tensors = {t for t, et in graph.elem_types.items()
                    if et not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
                                  onnx.TensorProto.DOUBLE)}
-    live = live_sets(graph)
+    live = live_sets(graph, outputs=False)
 
     if mode == "layer":
         cuts = [i - 1 for i in range(1, len(nodes)) if is_w[i] and any(is_w[:i])]
@@ -251,13 +254,17 @@ def partition(graph: Graph, mode: str = "auto", quantize: Optional[set] = None,
     return regions
 
 
-def auto_mode(device: str, attention: bool = False, method_mode: Optional[str] = None) -> str:
+def auto_mode(device: str, attention: bool = False, method_mode: Optional[str] = None, decoder: bool = False) -> str:
     """auto: what the method needs (GPTQ solves one op at a time: layer); else blocks where
     forward/backward passes are affordable (a GPU) or needed (attention: query and key weights act
     together through the softmax, so each layer is fitted as a whole); else single-op regions, whose
-    exact Gram-form loss makes an iteration independent of the activation size (a CNN on the CPU)."""
+    exact Gram-form loss makes an iteration independent of the activation size (a CNN on the CPU).
+    A decoder LM on the CPU gets single-op regions too: one pass of a whole SmolLM2 layer over 32 windows
+    of 512 tokens costs seconds, so a block's hundreds of iterations per layer do not fit on a CPU."""
     if method_mode:
         return method_mode
+    if decoder and device != "cuda":
+        return "layer"
     return "block" if device == "cuda" or attention else "layer"
 
 
@@ -291,7 +298,7 @@ class PartitionPass(Pass):
             ctx.batching = probe(graph.model, feed, None, batch_axes(specs)) if feed else Batching()
         ctx.tensor_sizes = sizes_per_sample(ctx.batching)
         mode = cfg.regions if cfg.regions != "auto" else auto_mode(ctx.device, ctx.traits.attention,
-                                                                    ctx.method.region_mode)
+                                                                    ctx.method.region_mode, ctx.traits.decoder)
         ctx.region_mode = mode
         ctx.regions = partition(graph, mode, quantize=ctx.quantize_nodes, sizes=ctx.tensor_sizes or None)
         for r in ctx.regions:  # an FP32 region reads no quantized activations either

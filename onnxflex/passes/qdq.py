@@ -22,7 +22,7 @@ from .base import Pass
 
 
 def _needed_opset(weight_results, act_bits: int) -> int:
-    if act_bits == 16 or any(r.bits < 8 for r in weight_results.values()):
+    if act_bits == 16 or any(r.bits < 8 or r.block_size for r in weight_results.values()):
         return INT4_OPSET
     return MIN_QDQ_OPSET
 
@@ -37,12 +37,13 @@ def _weight_ints(q: np.ndarray, bits: int) -> np.ndarray:
 
 
 def _dequantize(graph: gs.Graph, name: str, base: str, q: np.ndarray, scale: np.ndarray, zero: np.ndarray,
-                axis: int, shape) -> gs.Variable:
+                axis: int, shape, block_size: int = 0) -> gs.Variable:
     """Append DequantizeLinear(base_quantized, base_scale, base_zero_point) for a constant; per-axis
-    when the scale is a vector. Returns its output."""
+    when the scale is a vector, blocked along ``axis`` when ``block_size`` is set. Returns its output."""
     out = gs.Variable(f"{base}_dequantized", dtype=np.float32, shape=shape)
+    attrs = {"axis": axis, "block_size": block_size} if block_size else {"axis": axis} if scale.ndim == 1 else {}
     graph.nodes.append(gs.Node(
-        "DequantizeLinear", name, attrs={"axis": axis} if scale.ndim == 1 else {},
+        "DequantizeLinear", name, attrs=attrs,
         inputs=[_const(f"{base}_quantized", q), _const(f"{base}_scale", scale), _const(f"{base}_zero_point", zero)],
         outputs=[out]))
     return out
@@ -72,9 +73,10 @@ def write_qdq(model: onnx.ModelProto, weight_results: dict, act_points: dict, ac
         scale = np.asarray(r.scale, np.float32)
         node.inputs[spec.weight_input] = _dequantize(
             graph, f"{node_name}_weight_DequantizeLinear", base, _weight_ints(r.integers, r.bits), scale,
-            _weight_ints(np.zeros(scale.shape, np.int8), r.bits), spec.out_axis, weight.shape)
+            _weight_ints(np.zeros(scale.shape, np.int8), r.bits), spec.in_axis if r.block_size else spec.out_axis,
+            weight.shape, r.block_size)
         point = act_points.get(spec.data_input)
-        if int32_bias and spec.op_type == "Gemm" and spec.bias and point is not None and node_name in point.consumers:
+        if int32_bias and not r.block_size and spec.op_type == "Gemm" and spec.bias and point is not None and node_name in point.consumers:
             bias = tensors[spec.bias]
             b_scale = (np.float32(point.scale) * scale).astype(np.float32)
             b_q = np.round(np.asarray(bias.values, np.float32) / b_scale).astype(np.int32)

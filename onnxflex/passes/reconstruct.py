@@ -26,7 +26,9 @@ from ..quantizers.activation import ActQuantizer
 from ..reconstruction.fit import gram_applicable, gram_stats, train_direct, train_gram
 from ..reconstruction.losses import region_mse
 from ..reconstruction.ranges import choose_act_ranges
-from ..reconstruction.streams import Streams, needed_after, ort_outputs, region_model, to_torch, torch_outputs
+from ..reconstruction.streams import (Streams, later_inputs, needed_after, ort_outputs, region_model, samples_within, to_torch,
+                                      torch_outputs)
+from ..runtime.memory import trim
 from ..runtime.session import make_session, target_providers
 from ..store import TensorStore
 from .base import Pass
@@ -109,16 +111,29 @@ class ReconstructPass(Pass):
         # a point that shares another's qparams is learned where that one is
         owners = act_owner(ctx.regions, {t: p for t, p in ctx.act_points.items() if not p.same_as})
         ws = graph.weighted_nodes()
-        first_last = {ws[0].node, ws[-1].node} if ws else set()  # kept at --first-last-bits
+        # kept at --first-last-bits: a CNN's first conv and classifier; a decoder's LM head only (its first
+        # weighted op is an ordinary q projection)
+        first_last = set() if not ws else {ws[-1].node} if ctx.traits.decoder else {ws[0].node, ws[-1].node}
         ctx.weight_results, ctx.region_reports = {}, []
+        read_later = later_inputs(ctx.regions)
         bar = progress_bar(total=len(ctx.regions), desc="regions", unit="region", enable=cfg.progress)
         try:
             for region in ctx.regions:
                 t0 = time.perf_counter()
-                rep = RegionRun(graph, ctx, region, streams, act_modules, owners, first_last, device).run()
+                run_streams = streams
+                if not set(region.outputs) & read_later[region.index]:
+                    # a terminal region (an LM head): nothing later reads its outputs, so it may be fitted
+                    # on fewer samples rather than hold outputs beyond the budget
+                    m = samples_within(graph, ctx.tensor_sizes, region.outputs, n, unit)
+                    if m < n:
+                        run_streams = streams.first(m)
+                        ctx.notes.append(f"region {region.name} was fitted and checked on the first {m} of {n} calibration "
+                                         f"samples: its outputs ({', '.join(region.outputs)}) would not fit in memory")
+                rep = RegionRun(graph, ctx, region, run_streams, act_modules, owners, first_last, device).run()
                 rep.seconds = time.perf_counter() - t0
                 ctx.region_reports.append(rep)
                 streams.keep_only(keep_after[region.index])
+                trim()
                 bar.set_postfix_str(f"{region.name} {rep.status}")
                 bar.update(1)
             ctx.final_outputs = {o: (streams.fp[o], streams.q[o]) for o in graph.output_names if o in streams.fp}
@@ -161,10 +176,14 @@ class RegionRun:
                             act_consumers={t: set(self.ctx.act_points[t].consumers) for t in self.act_quant}
                             ).to(self.device)
 
+    def block_size(self, spec) -> int:
+        """--block-size applies to 2-D (MatMul/Gemm) weights; conv weights keep per-channel scales."""
+        return self.cfg.block_size if spec.op_type in ("MatMul", "Gemm") else 0
+
     def quantizers(self, method, learnable):
         return [(method if ok else self.rtn).make_quantizer(
                     torch.from_numpy(self.graph.array(w.weight).astype(np.float32)), self.bits(w), w.out_axis,
-                    w.in_axis, per_channel=self.cfg.granularity == "channel").to(self.device)
+                    w.in_axis, per_channel=self.cfg.granularity == "channel", block_size=self.block_size(w)).to(self.device)
                 for w, ok in zip(self.region.weights, learnable)]
 
     def run(self) -> RegionReport:
@@ -230,7 +249,7 @@ class RegionRun:
         for w, q in zip(region.weights, chosen):
             ctx.weight_results[w.node] = WeightResult(
                 w, q.integers().detach().cpu().numpy().astype(np.int32),
-                q.scale().detach().cpu().numpy().astype(np.float32), self.bits(w))
+                q.scale().detach().cpu().numpy().astype(np.float32), self.bits(w), q.block_size)
         streams.store(y_fp, y_q)
         return rep
 

@@ -24,8 +24,8 @@ class FlexRoundQuantizer(WeightQuantizer):
     """
 
     def __init__(self, weight, bits, out_axis, in_axis, per_channel=True, scale_method="lp",
-                 init_scale=None, use_s4: Optional[bool] = None):
-        super().__init__(weight, bits, out_axis, in_axis, per_channel, scale_method, init_scale)
+                 init_scale=None, use_s4: Optional[bool] = None, block_size=0):
+        super().__init__(weight, bits, out_axis, in_axis, per_channel, scale_method, init_scale, block_size)
         w = self.weight
         self.log_s1 = nn.Parameter(self.log_s_init.clone())
         self.log_S2 = nn.Parameter(torch.zeros_like(w))
@@ -45,10 +45,10 @@ class FlexRoundQuantizer(WeightQuantizer):
             self.log_s4 = None
 
     def scale_broadcast(self) -> Tensor:
-        return torch.exp(self.log_s1)
+        return self.expand_blocks(torch.exp(self.log_s1))
 
     def _log_divisor(self) -> Tensor:
-        t = self.log_s1 + self.log_S2
+        t = self.expand_blocks(self.log_s1) + self.log_S2
         if self.log_s3 is not None:
             t = t + self.log_s3
         if self.log_s4 is not None:
@@ -59,7 +59,7 @@ class FlexRoundQuantizer(WeightQuantizer):
         return self.weight / torch.exp(self._log_divisor())
 
     def forward(self) -> Tensor:
-        return torch.exp(self.log_s1) * torch.clamp(round_ste(self._z()), self.qmin, self.qmax)
+        return self.scale_broadcast() * torch.clamp(round_ste(self._z()), self.qmin, self.qmax)
 
     @torch.no_grad()
     def integers(self) -> Tensor:

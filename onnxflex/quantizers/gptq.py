@@ -141,7 +141,10 @@ class GPTQQuantizer(WeightQuantizer):
     ``solve`` instead of training. ``forward() == s * q`` in the weight's own layout.
     """
 
-    def __init__(self, weight, bits, out_axis, in_axis, per_channel=True, scale_method="lp", init_scale=None):
+    def __init__(self, weight, bits, out_axis, in_axis, per_channel=True, scale_method="lp", init_scale=None,
+                 block_size=0):
+        if block_size:
+            raise ValueError("GPTQ here keeps one scale per output channel; use block_size 0")
         super().__init__(weight, bits, out_axis, in_axis, per_channel, scale_method, init_scale)
         self.register_buffer("s", self.s_init())
         self.register_buffer("q", torch.clamp(torch.round(self.weight / self.s), self.qmin, self.qmax))

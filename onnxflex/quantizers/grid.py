@@ -135,7 +135,8 @@ class WeightQuantizer(nn.Module):
     """
 
     def __init__(self, weight: Tensor, bits: int, out_axis: Optional[int], in_axis: Optional[int],
-                 per_channel: bool = True, scale_method: str = "lp", init_scale: Optional[Tensor] = None):
+                 per_channel: bool = True, scale_method: str = "lp", init_scale: Optional[Tensor] = None,
+                 block_size: int = 0):
         super().__init__()
         w = weight.detach().to(torch.float32)
         nd = w.ndim
@@ -144,13 +145,19 @@ class WeightQuantizer(nn.Module):
         if self.in_axis is not None and self.in_axis == self.out_axis:
             raise ValueError("in_axis and out_axis must differ")
         self.per_channel = bool(per_channel and self.out_axis is not None)
+        self.block_size = int(block_size or 0)
+        if self.block_size and not (self.per_channel and self.in_axis is not None and nd == 2):
+            raise ValueError("block-wise scales need a 2-D weight with output and input axes, per channel")
         self.bits = int(bits)
         self.qmin, self.qmax = weight_qrange(self.bits)
         self.frozen = False
         self.progress = 0.0
         self.register_buffer("weight", w)
         sshape = self._scale_shape()
-        if init_scale is None:
+        if init_scale is None and self.block_size:
+            s0 = init_weight_scale(self._blocks(w), self.bits, 0, scale_method)
+            s0 = self._from_blocks(s0)
+        elif init_scale is None:
             s0 = init_weight_scale(w, self.bits, self.out_axis if self.per_channel else None, scale_method)
         else:
             s0 = torch.as_tensor(init_scale, dtype=torch.float32, device=w.device).reshape(sshape)
@@ -160,10 +167,41 @@ class WeightQuantizer(nn.Module):
 
     # -- shapes -------------------------------------------------------------------------------
     def _scale_shape(self) -> list:
+        """Shape of the deployed s1: per tensor all ones; per channel [Cout] on out_axis; block-wise
+        the weight's shape with ceil(K / block_size) on in_axis (ONNX's blocked DequantizeLinear)."""
         w = self.weight
+        if self.block_size:
+            shape = list(w.shape)
+            shape[self.in_axis] = self.num_blocks
+            return shape
         if self.per_channel:
             return broadcast_shape(w.ndim, self.out_axis, w.shape[self.out_axis])
         return [1] * w.ndim
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.weight.shape[self.in_axis] // self.block_size) if self.block_size else 1
+
+    def _blocks(self, w: Tensor) -> Tensor:
+        """[Cout * num_blocks, block_size] rows of a 2-D weight (the last block zero-padded, which no
+        range search or rounding error sees), so per-row code serves per-block scales."""
+        wt = w.movedim(self.in_axis, 1)  # [Cout, K]
+        pad = self.num_blocks * self.block_size - wt.shape[1]
+        if pad:
+            wt = torch.nn.functional.pad(wt, (0, pad))
+        return wt.reshape(-1, self.block_size)
+
+    def _from_blocks(self, s_rows: Tensor) -> Tensor:
+        """Per-row values from :meth:`_blocks` back to the scale shape."""
+        return s_rows.reshape(-1, self.num_blocks).movedim(1, self.in_axis).contiguous()
+
+    def expand_blocks(self, s: Tensor) -> Tensor:
+        """A scale-shaped tensor repeated over each block so it broadcasts against the weight
+        (identity unless block-wise)."""
+        if not self.block_size:
+            return s
+        k = self.weight.shape[self.in_axis]
+        return s.repeat_interleave(self.block_size, dim=self.in_axis).narrow(self.in_axis, 0, k)
 
     @property
     def num_out(self) -> int:
@@ -171,7 +209,7 @@ class WeightQuantizer(nn.Module):
 
     def s_init(self) -> Tensor:
         """The initial scale, broadcastable, as every method uses it (exp of the stored log)."""
-        return torch.exp(self.log_s_init)
+        return self.expand_blocks(torch.exp(self.log_s_init))
 
     # -- interface ----------------------------------------------------------------------------
     def scale_broadcast(self) -> Tensor:
@@ -185,13 +223,17 @@ class WeightQuantizer(nn.Module):
         raise NotImplementedError
 
     def scale(self) -> Tensor:
-        """Deployed s1: 1-D [Cout] per channel, 0-d per tensor, float32, detached."""
+        """Deployed s1, float32, detached: 1-D [Cout] per channel, 0-d per tensor, block-wise the
+        weight's rank with ceil(K / block_size) on in_axis."""
         s = self.scale_broadcast().detach().to(torch.float32)
+        if self.block_size:
+            idx = torch.arange(0, self.weight.shape[self.in_axis], self.block_size, device=s.device)
+            return s.index_select(self.in_axis, idx).clone()
         return s.reshape(-1).clone() if self.per_channel else s.reshape(()).clone()
 
     def expand_scale(self, s: Tensor) -> Tensor:
-        """Reshape a flat ``scale()`` back to the broadcastable shape."""
-        return s.reshape(self._scale_shape())
+        """Reshape a ``scale()`` back to the shape that broadcasts against the weight."""
+        return self.expand_blocks(s.reshape(self._scale_shape()))
 
     def deployed_weight(self) -> Tensor:
         """integers() * scale() broadcast: the weight ONNX Runtime will see after DequantizeLinear."""
@@ -211,4 +253,4 @@ class WeightQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"shape={tuple(self.weight.shape)}, bits={self.bits}, out_axis={self.out_axis}, "
-                f"in_axis={self.in_axis}, per_channel={self.per_channel}")
+                f"in_axis={self.in_axis}, per_channel={self.per_channel}, block_size={self.block_size}")

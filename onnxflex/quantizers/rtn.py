@@ -10,8 +10,9 @@ from .grid import WeightQuantizer
 class RTNQuantizer(WeightQuantizer):
     """q = clamp(round(W / s1)), s1 from the range search; no learnable parameters."""
 
-    def __init__(self, weight, bits, out_axis, in_axis, per_channel=True, scale_method="lp", init_scale=None):
-        super().__init__(weight, bits, out_axis, in_axis, per_channel, scale_method, init_scale)
+    def __init__(self, weight, bits, out_axis, in_axis, per_channel=True, scale_method="lp", init_scale=None,
+                 block_size=0):
+        super().__init__(weight, bits, out_axis, in_axis, per_channel, scale_method, init_scale, block_size)
         self.register_buffer("s", self.s_init())
 
     def scale_broadcast(self) -> Tensor:

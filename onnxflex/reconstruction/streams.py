@@ -5,7 +5,7 @@ with its quantizers. Only tensors a later region reads are kept (TensorStore spi
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Optional
 
 import numpy as np
@@ -58,6 +58,13 @@ class Streams:
             return np.arange(c * unit, c * unit + unit)
         return np.sort(rng.choice(count, batch, replace=False))
 
+    def first(self, m: int) -> "Streams":
+        """The same stores seen through their first ``m`` samples (held-out share kept)."""
+        if m >= self.n:
+            return self
+        hold = min(self.n - self.n_train, m // 8)
+        return replace(self, n=m, n_train=m - hold, mask=None if self.mask is None else self.mask[:m])
+
     def store(self, y_fp: dict, y_q: dict) -> None:
         for o, v in y_fp.items():
             self.fp.put(o, v)
@@ -73,14 +80,40 @@ class Streams:
         self.q.close()
 
 
+def later_inputs(regions: list) -> list:
+    """later[i]: the tensors the regions after region i read (graph outputs not included)."""
+    later, out = set(), [set() for _ in regions]
+    for r in reversed(regions):
+        out[r.index] = set(later)
+        later |= set(r.inputs)
+    return out
+
+
 def needed_after(graph: Graph, regions: list) -> list:
     """needed[i]: the tensors some region after region i (or the graph output) reads."""
-    later = set(graph.output_names)
-    needed = [set() for _ in regions]
-    for r in reversed(regions):
-        needed[r.index] = set(later)
-        later |= set(r.inputs)
-    return needed
+    return [s | set(graph.output_names) for s in later_inputs(regions)]
+
+
+#: bytes of one region's outputs held at once when nothing later reads them (a decoder's logits are
+#: 100 MB per 512-token window: 128 windows would need 13 GB per stream)
+OUTPUT_BUDGET = 512 << 20
+
+
+def samples_within(graph: Graph, sizes: dict, outputs, n: int, unit: int = 1, budget: float | None = None) -> int:
+    """How many of ``n`` samples keep ``outputs`` within ``budget`` bytes (default OUTPUT_BUDGET; whole
+    units, at least one)."""
+    budget = OUTPUT_BUDGET if budget is None else budget
+    per_sample = sum(sizes.get(o, 0) * _itemsize(graph.elem_types.get(o, onnx.TensorProto.FLOAT)) for o in outputs)
+    if per_sample * n <= budget:
+        return n
+    return min(n, max(1, int(budget // max(per_sample * unit, 1))) * unit)
+
+
+def _itemsize(elem_type: int) -> int:
+    try:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        return 4
 
 
 def region_model(graph: Graph, region: Region, outputs: list, input_dtypes: dict) -> onnx.ModelProto:

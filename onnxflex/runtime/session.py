@@ -172,8 +172,12 @@ def _has_qdq(model: onnx.ModelProto) -> bool:
     return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
 
 
-def _session_options(threads: int | None, optimization: str, spin: bool = True) -> ort.SessionOptions:
+def _session_options(threads: int | None, optimization: str, spin: bool = True, arena: bool = True) -> ort.SessionOptions:
     so = ort.SessionOptions()
+    if not arena:
+        # runs that fetch different sets of intermediates (the batch probe) would each grow the arena
+        so.enable_cpu_mem_arena = False
+        so.enable_mem_pattern = False
     if not spin:
         # onnxruntime's threads spin-wait after each run; torch work that follows in the same process
         # then fights them for the cores (RTN on YOLOv8n: most of the run was that wait)
@@ -204,6 +208,7 @@ def make_session(
     optimization: str = "all",
     provider_options: dict[str, dict] | None = None,
     spin: bool = True,
+    arena: bool = True,
 ) -> ort.InferenceSession:
     """An :class:`onnxruntime.InferenceSession` for a path, ModelProto or serialized bytes.
 
@@ -212,9 +217,10 @@ def make_session(
     ``optimization``: disable | basic | extended | all.  ``provider_options``: {short or ORT name: {...}};
     TensorRT gets ``trt_int8_enable`` for Q/DQ models by default (TensorRT needs the INT8 flag to honour
     explicit Q/DQ).  The IR version is lowered when ORT refuses it; protos >= 2 GB go through a temp file.
-    ``spin=False`` for sessions whose runs alternate with torch work (reconstruction).
+    ``spin=False`` for sessions whose runs alternate with torch work (reconstruction); ``arena=False``
+    returns each run's memory when it ends.
     """
-    so = _session_options(threads, optimization, spin)
+    so = _session_options(threads, optimization, spin, arena)
     provs = _resolve_providers(providers)
     opts_by = {}
     for k, v in (provider_options or {}).items():

@@ -1,4 +1,4 @@
-"""Element-wise ops: unary and binary math, activations, Clip, Where, Cast, Dropout."""
+"""Element-wise ops: unary and binary math, activations, Clip, Where, Cast, Dropout, IsNaN/IsInf."""
 from __future__ import annotations
 
 import functools
@@ -35,6 +35,7 @@ for _op, _fn in {
     "Softplus": F.softplus,
     "Softsign": F.softsign,
     "Not": torch.logical_not,
+    "IsNaN": torch.isnan,
     "Identity": lambda x: x,
 }.items():
     _unary(_op, _fn)
@@ -123,6 +124,20 @@ def hard_sigmoid(inputs, attrs, opset):
 @register("Gelu")
 def gelu(inputs, attrs, opset):
     return [F.gelu(inputs[0], approximate=attrs.get("approximate", "none"))]
+
+
+@register("IsInf")
+def is_inf(inputs, attrs, opset):
+    """detect_negative / detect_positive (both default 1) pick which infinities count."""
+    x = inputs[0]
+    neg, pos = attrs.get("detect_negative", 1), attrs.get("detect_positive", 1)
+    if neg and pos:
+        return [torch.isinf(x)]
+    if neg:
+        return [torch.isneginf(x)]
+    if pos:
+        return [torch.isposinf(x)]
+    return [torch.zeros_like(x, dtype=torch.bool)]
 
 
 @register("Clip")

@@ -1,4 +1,4 @@
-"""Reductions and pooling."""
+"""Reductions, scans (CumSum) and pooling."""
 from __future__ import annotations
 
 import math
@@ -45,6 +45,21 @@ _REDUCTIONS = {
 }
 for _op, (_since, _fn) in _REDUCTIONS.items():
     register(_op)(lambda inputs, attrs, opset, since=_since, fn=_fn: _reduce(inputs, attrs, opset, since, fn))
+
+
+@register("CumSum")
+def cum_sum(inputs, attrs, opset):
+    """Axis is a (scalar) input; ``exclusive`` shifts the sums by one, ``reverse`` scans from the end.
+    The decoders' in-graph position ids (cumsum of the attention mask) use it on int64."""
+    x = inputs[0]
+    a = _axis(_ints(inputs[1])[0], x.dim())
+    if attrs.get("reverse", 0):
+        x = x.flip(a)
+    y = torch.cumsum(x, a, dtype=x.dtype)  # torch widens int32 to int64 by default; ONNX keeps the type
+    if attrs.get("exclusive", 0):
+        zero = torch.zeros_like(y.narrow(a, 0, 1))
+        y = torch.cat([zero, y.narrow(a, 0, y.shape[a] - 1)], a) if y.shape[a] else y
+    return [y.flip(a) if attrs.get("reverse", 0) else y]
 
 
 @register("GlobalAveragePool")

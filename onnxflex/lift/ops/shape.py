@@ -1,7 +1,8 @@
-"""Shape manipulation: Shape, Reshape, Transpose, Slice, Gather, Concat, Pad and the rest."""
+"""Shape manipulation: Shape, Reshape, Transpose, Slice, Gather, ScatterND, Trilu, Concat, Pad and the rest."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -130,6 +131,41 @@ def gather_elements(inputs, attrs, opset):
     axis = _axis(attrs.get("axis", 0), x.dim())
     idx = torch.where(idx < 0, idx + x.shape[axis], idx)
     return [torch.gather(x, axis, idx)]
+
+
+@register("ScatterND")
+def scatter_nd(inputs, attrs, opset):
+    """indices[..., :k] address data's first k dims; updates replace (or add/mul/max/min into) those
+    slices. Done out of place on a (prod(first k dims), ...) view so gradients reach data and updates."""
+    x, idx, upd = inputs[0], inputs[1].long(), inputs[2]
+    k = idx.shape[-1]
+    lead = x.shape[:k]
+    idx = torch.where(idx < 0, idx + torch.tensor(lead, device=idx.device), idx)
+    strides = torch.tensor([math.prod(lead[j + 1:]) for j in range(k)], dtype=torch.int64, device=idx.device)
+    lin = (idx * strides).sum(-1).reshape(-1)
+    flat = x.reshape((math.prod(lead),) + tuple(x.shape[k:]))
+    u = upd.reshape((lin.numel(),) + tuple(x.shape[k:]))
+    mode = attrs.get("reduction", "none")
+    if mode == "none":
+        out = flat.index_copy(0, lin, u)
+    elif mode == "add":
+        out = flat.index_add(0, lin, u)
+    elif mode in ("mul", "max", "min"):
+        with warnings.catch_warnings():  # "index_reduce() is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            out = flat.index_reduce(0, lin, u, {"mul": "prod", "max": "amax", "min": "amin"}[mode])
+    else:
+        raise NotImplementedError(f"ScatterND reduction {mode!r} has no torch lifting")
+    return [out.reshape(x.shape)]
+
+
+@register("Trilu")
+def trilu(inputs, attrs, opset):
+    """Upper (default) or lower triangle of the last two dims; optional k input shifts the diagonal."""
+    x = inputs[0]
+    kt = _opt(inputs, 1)
+    k = _ints(kt)[0] if kt is not None else 0
+    return [torch.triu(x, k) if attrs.get("upper", 1) else torch.tril(x, k)]
 
 
 @register("Unsqueeze")
