@@ -85,8 +85,6 @@ def quantize(model, output, calibration, config: Optional[QuantConfig] = None, *
     (``method="rtn"``, ``weight_bits=4``...) replace its fields. Nothing is written unless the
     whole run succeeds.
     """
-    from .calib.text import is_text_file
-    from .calib.windows import is_decoder, proto_io_specs
     from .passes.prepare import load_model
     from .report import write_report
 
@@ -94,14 +92,11 @@ def quantize(model, output, calibration, config: Optional[QuantConfig] = None, *
     cfg = dataclasses.replace(config or QuantConfig(), **overrides).resolved()
     output = Path(output)
     check_output_path(output)
-    proto = load_model(model)
-    if decoder is None and is_text_file(calibration):
-        decoder = is_decoder(*proto_io_specs(proto))  # the outputs tell a no-cache decoder (logits) apart
     ctx = Context(cfg, get_target(cfg.target), get_method(cfg.method), device=resolve_device(cfg.device),
                   calibration_source=calibration,
                   calibration_options=dict(preprocess=preprocess, tokenizer=tokenizer, max_length=max_length,
                                            seq_len=seq_len, decoder=decoder))
-    pipeline().run(Graph(proto), ctx)
+    pipeline().run(Graph(load_model(model)), ctx)
     summary = _run_summary(ctx, time.perf_counter() - t_start)
     save_model(ctx.qdq_model, output)
     report_path = Path(report) if report else output.with_suffix(".report.json")

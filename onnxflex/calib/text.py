@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import OnnxflexError
 from .dataset import CalibrationSet, fmt_shape, is_static, norm_specs, static_batch
-from .windows import DEFAULT_SEQ_LEN, decoder_feeds, static_seq_len, token_windows
+from .windows import DEFAULT_SEQ_LEN, decoder_feeds, static_seq_len, token_role, token_windows
 
 TEXT_EXTENSIONS = (".txt", ".text")
 TOKEN_INPUTS = "input_ids / ids / input, attention_mask / mask, token_type_ids / segment_ids"
@@ -190,17 +190,6 @@ def load_tokenizer(folder: str | Path, max_length: int = 128, length: int | None
     return tok
 
 
-def _role(name: str) -> str | None:
-    n = name.lower()
-    if "token_type" in n or "segment" in n:
-        return "type_ids"
-    if "attention_mask" in n or "mask" in n:
-        return "attention_mask"
-    if "input_ids" in n or n in ("ids", "input"):
-        return "ids"
-    return None
-
-
 def tokenize_feeds(
     texts: Sequence[str], tokenizer_folder: str | Path, input_specs: dict, max_length: int = 128
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -213,7 +202,7 @@ def tokenize_feeds(
     specs = norm_specs(input_specs)
     roles, static_len = {}, set()
     for name, (shape, dtype) in specs.items():
-        role = _role(name)
+        role = token_role(name)
         if role is None:
             raise OnnxflexError(
                 f"model input {name!r} is not a token input text calibration can fill (known: {TOKEN_INPUTS}); pass .npz feeds instead"

@@ -105,19 +105,26 @@ def token_windows(ids: Sequence[int] | np.ndarray, seq_len: int, count: int | No
     return ids[: k * seq_len].reshape(k, seq_len).copy()
 
 
+def token_role(name: str) -> str | None:
+    """ids | attention_mask | type_ids for the token inputs an encoder's text feeds fill, by name."""
+    n = name.lower()
+    if "token_type" in n or "segment" in n:
+        return "type_ids"
+    if "attention_mask" in n or "mask" in n:
+        return "attention_mask"
+    if "input_ids" in n or n in ("ids", "input"):
+        return "ids"
+    return None
+
+
 def _role(name: str) -> str | None:
+    """token_role plus what a decoder window also fills: KV-cache inputs and position ids."""
     n = name.lower()
     if is_past_input(n):
         return "past"
     if "position" in n:
         return "position_ids"
-    if "token_type" in n or "segment" in n:
-        return "type_ids"
-    if "attention_mask" in n or "mask" in n:
-        return "attention_mask"
-    if "input_ids" in n or n in ("ids", "input", "tokens"):
-        return "ids"
-    return None
+    return "ids" if n == "tokens" else token_role(n)
 
 
 def _past_axis(name: str, shape: list, batch_axis: int | None) -> int:

@@ -41,7 +41,9 @@ def _dequantize(graph: gs.Graph, name: str, base: str, q: np.ndarray, scale: np.
     """Append DequantizeLinear(base_quantized, base_scale, base_zero_point) for a constant; per-axis
     when the scale is a vector, blocked along ``axis`` when ``block_size`` is set. Returns its output."""
     out = gs.Variable(f"{base}_dequantized", dtype=np.float32, shape=shape)
-    attrs = {"axis": axis, "block_size": block_size} if block_size else {"axis": axis} if scale.ndim == 1 else {}
+    attrs = {"axis": axis} if scale.ndim else {}
+    if block_size:
+        attrs["block_size"] = block_size
     graph.nodes.append(gs.Node(
         "DequantizeLinear", name, attrs=attrs,
         inputs=[_const(f"{base}_quantized", q), _const(f"{base}_scale", scale), _const(f"{base}_zero_point", zero)],

@@ -22,6 +22,7 @@ import numpy as np
 from ..calib.text import is_text_file, read_text_stream, tokenize_stream
 from ..calib.windows import DEFAULT_SEQ_LEN, decoder_feeds, is_decoder, static_seq_len, token_windows
 from ..errors import OnnxflexError
+from .metrics import log_softmax
 from .session import _ORT_TYPES, _summarize, input_specs, make_session
 
 _CHUNK = 64  # positions per float64 log-softmax
@@ -96,13 +97,6 @@ def _check_decoder(sess, what: str) -> tuple[dict, str]:
 
 def _exp(x: float) -> float:
     return math.exp(x) if x < 709.0 else math.inf  # NaN stays NaN
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    x -= x.max(axis=-1, keepdims=True)
-    x -= np.log(np.exp(x).sum(axis=-1, keepdims=True))
-    return x
 
 
 def _token_ids(text_or_ids: Any, tokenizer_dir: str | Path | None) -> np.ndarray:
@@ -183,11 +177,11 @@ def perplexity(
                                 "use the model's own tokenizer")
         for s in range(0, len(target), _CHUNK):
             e = min(s + _CHUNK, len(target))
-            lp = _log_softmax(y[s:e])
+            lp = log_softmax(y[s:e])
             rows = np.arange(e - s)
             nll -= float(lp[rows, target[s:e]].sum())
             if ry is not None:
-                rlp = _log_softmax(ry[s:e])
+                rlp = log_softmax(ry[s:e])
                 rnll -= float(rlp[rows, target[s:e]].sum())
                 kl += float((np.exp(rlp) * (rlp - lp)).sum())
                 agree += int((y[s:e].argmax(-1) == ry[s:e].argmax(-1)).sum())
