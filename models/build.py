@@ -19,7 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
-from . import efficientnet_lite, efficientnet_lite1, minilm, paraphrase_minilm_l3, smollm2
+from . import efficientnet_lite, efficientnet_lite1, minilm, paraphrase_minilm_l3, qwen, smollm2
 
 MODELS: dict[str, tuple[Callable[..., str], dict]] = {
     "efficientnet_lite0": (efficientnet_lite.build_efficientnet_lite0,
@@ -32,6 +32,9 @@ MODELS: dict[str, tuple[Callable[..., str], dict]] = {
     "smollm2": (smollm2.build_smollm2, smollm2.PREPROCESS),
     # the generation form: + past_key_values.{i}.key/value -> present.{i}.key/value
     "smollm2_kv": (partial(smollm2.build_smollm2, kv_cache=True), smollm2.PREPROCESS),
+    # Qwen2.5-Coder-0.5B-Instruct (Qwen2: QKV bias); weights in model.onnx.data beside the model
+    "qwen05": (qwen.build_qwen, qwen.PREPROCESS),
+    "qwen05_kv": (partial(qwen.build_qwen, kv_cache=True), qwen.PREPROCESS),
 }
 
 # Image models whose output is ImageNet-1k logits (evaluable with --eval).

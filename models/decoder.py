@@ -199,7 +199,8 @@ def check_decoder(model, path, kv_cache: bool = False, past_lens=(0, 5),
 
 def export_decoder(model, path, kv_cache: bool = False, opset: int = OPSET,
                    check: bool = True) -> str:
-    """Export ``model`` (a ``LlamaForCausalLM``) to ONNX at ``path`` with the
+    """Export ``model`` (a ``LlamaForCausalLM``, or a LLaMA-style one such as
+    ``Qwen2ForCausalLM``) to ONNX at ``path`` with the
     TorchScript exporter; see the module docstring for the two forms.
 
     The trace uses a past length of 3 so that ``past_seq`` stays a symbolic
@@ -234,15 +235,18 @@ def export_decoder(model, path, kv_cache: bool = False, opset: int = OPSET,
             input_names=ins, output_names=outs, dynamic_axes=axes,
             do_constant_folding=True,
         )
-    m = onnx.load(path)  # loads any external data torch wrote beside it
-    m.ir_version = min(m.ir_version, IR_VERSION)
     folder = Path(path).parent
-    stale = {t.name for t in m.graph.initializer}
+    m = onnx.load(path, load_external_data=False)
+    # the TorchScript exporter writes one file per tensor for > 2 GiB models,
+    # named after the tensor with ':' etc. replaced (onnx::MatMul_7 -> onnx__MatMul_7)
+    stale = {e.value for t in m.graph.initializer for e in t.external_data if e.key == "location"}
+    onnx.load_external_data_for_model(m, str(folder))
+    m.ir_version = min(m.ir_version, IR_VERSION)
     _save(m, path)
-    # the TorchScript exporter writes one file per tensor for > 2 GiB models
-    for name in stale:
+    keep = {Path(path).name, Path(path).name + ".data"}
+    for name in stale - keep:
         f = folder / name
-        if f.is_file() and f.name != Path(path).name:
+        if f.is_file():
             f.unlink()
     if check:
         check_decoder(model, path, kv_cache)

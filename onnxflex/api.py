@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from .context import Context
 from .errors import OnnxflexError
 from .graph import Graph, check_output_path, model_input_specs, save_model  # noqa: F401 - public helpers
 from .methods import get_method
+from .runtime.memory import peak_rss_mb
 from .targets import get_target
 
 log = logging.getLogger("onnxflex")
@@ -111,13 +111,13 @@ def _run_summary(ctx: Context, seconds: float) -> dict:
     summary = dict(ctx.summary)
     summary.update(
         seconds=round(seconds, 2),
-        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        peak_rss_mb=peak_rss_mb(),
         calibration_samples=ctx.calibration.num_samples,
         regions=len(ctx.regions), weights_quantized=len(ctx.weight_results),
         act_points=len(ctx.act_points), device=ctx.device, method=cfg.method, preset=cfg.preset,
         iters=cfg.iters, weight_bits=cfg.weight_bits, act_bits=cfg.act_bits, granularity=cfg.granularity, block_size=cfg.block_size,
         target=cfg.target, region_mode=cfg.regions if cfg.regions != "auto" else f"auto:{ctx.region_mode}",
-        pass_seconds=dict(ctx.pass_seconds),
+        pass_seconds=dict(ctx.pass_seconds), pass_peak_rss_mb=dict(ctx.pass_peak_rss_mb),
     )
     if ctx.notes:
         summary["notes"] = list(ctx.notes)

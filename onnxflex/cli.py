@@ -104,6 +104,8 @@ def main(verbose):
 @click.option("--block-size", type=int, default=0, show_default=True,
               help="MatMul/Gemm weights: one scale per block of this many input rows (32, 64, 128; 0 = per channel); "
                    "blocked DequantizeLinear at opset 21, which onnxruntime runs as MatMulNBits")
+@click.option("--asymmetric", is_flag=True,
+              help="weight-only, --target ort-cpu: a zero point per channel/block (uint4/uint8 weights)")
 @click.option("--regions", type=click.Choice(REGION_MODES), default="auto", show_default=True)
 @click.option("--preset", type=click.Choice(list(PRESETS)), default="fast", show_default=True,
               help="fast: 200 iters/region; default: 1000; paper: 20000 (BRECQ/QDrop)")
@@ -136,14 +138,15 @@ def main(verbose):
 @click.option("-q", "--quiet", is_flag=True, help="no progress bars")
 @preprocess_options
 @user_errors
-def quantize(model, calib, output, method, weight_bits, act_bits, granularity, block_size, regions, preset, iters, batch_size,
+def quantize(model, calib, output, method, weight_bits, act_bits, granularity, block_size, asymmetric, regions, preset, iters, batch_size,
              lr, act_lr, drop_prob, calib_size, augment, calib_method, first_last_bits, exclude, quantize_attention,
              tokenizer, max_length, seq_len, device, tf32, max_memory, target, report, seed, quiet, preprocess, size, resize, mean, std):
     """Quantize MODEL with calibration data and write a QDQ ONNX model."""
     from .api import quantize as run_quantize
 
     cfg = QuantConfig(method=method, weight_bits=int(weight_bits), act_bits=int(act_bits), granularity=granularity,
-                      block_size=block_size, regions=regions, preset=preset, iters=iters, batch_size=batch_size, lr=lr,
+                      block_size=block_size, asymmetric=asymmetric, regions=regions, preset=preset, iters=iters,
+                      batch_size=batch_size, lr=lr,
                       act_lr=act_lr, drop_prob=drop_prob,
                       calib_size=calib_size, augment=augment, calib_method=calib_method, first_last_bits=first_last_bits or None,
                       exclude=list(exclude), quantize_act_matmul=quantize_attention, device=device, tf32=tf32, seed=seed,

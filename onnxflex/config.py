@@ -31,6 +31,8 @@ class QuantConfig:
     # MatMul/Gemm weights: one scale per block of this many input rows per output channel (0 = per channel);
     # written as a blocked DequantizeLinear (opset 21), which onnxruntime runs as MatMulNBits
     block_size: int = 0
+    # weight-only: an integer zero point per channel/block (uint4/uint8 weights; onnxruntime, not TensorRT)
+    asymmetric: bool = False
     regions: str = "auto"  # auto | layer | block
     preset: str = "fast"
     iters: Optional[int] = None
@@ -80,6 +82,13 @@ class QuantConfig:
             raise OnnxflexError("--method gptq keeps one scale per output channel; use --block-size 0, or rtn/adaround/flexround")
         if self.calib_size < 1:
             raise OnnxflexError("--calib-size must be at least 1")
+        if self.asymmetric and self.act_bits:
+            raise OnnxflexError("--asymmetric is for weight-only runs; add --act-bits 0 (W8A8 weights are symmetric)")
+        if self.asymmetric and not get_target(self.target).weight_zero_points:
+            raise OnnxflexError(f"--asymmetric weights need zero points, which {self.target} does not take; "
+                                "use --target ort-cpu, or drop --asymmetric")
+        if self.asymmetric and self.method == "gptq":
+            raise OnnxflexError("--method gptq is symmetric here; drop --asymmetric, or use rtn/adaround/flexround")
         cfg = dataclasses.replace(self)
         p = PRESETS[self.preset]
         if cfg.iters is None:

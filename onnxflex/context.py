@@ -66,10 +66,11 @@ class WeightResult:
     """What the QDQ writer deploys for one weight: integers and the grid size s1."""
 
     spec: WeightSpec
-    integers: np.ndarray  # int32, weight layout
+    integers: np.ndarray  # int32, weight layout, as stored (unsigned when there is a zero point)
     scale: np.ndarray  # float32, [Cout] or 0-d; block-wise the weight's rank with ceil(K / block_size) on in_axis
     bits: int
     block_size: int = 0
+    zero_point: Optional[np.ndarray] = None  # int32 in scale's shape: asymmetric (unsigned) weights; None = symmetric
 
 
 @dataclass
@@ -122,3 +123,4 @@ class Context:
     violations: list = field(default_factory=list)  # the target's rule check
     notes: list = field(default_factory=list)  # report lines: what stays FP32 and why, beyond the region table
     pass_seconds: dict = field(default_factory=dict)  # pass name -> wall time
+    pass_peak_rss_mb: dict = field(default_factory=dict)  # pass name -> peak RSS of the run when it ended

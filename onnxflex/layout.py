@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Optional
 
 import numpy as np
@@ -114,36 +113,21 @@ class Batching:
         return self.locked_unit or wanted
 
 
-def _typed_outputs(model: onnx.ModelProto, graph: Graph) -> tuple[onnx.ModelProto, list]:
-    """A copy of ``model`` that outputs every intermediate tensor whose type shape inference knows."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    names = list(have)
+def _probe_outputs(model: onnx.ModelProto, graph: Graph) -> list:
+    """ValueInfoProtos for the model's outputs and every intermediate whose type shape inference knows."""
+    outs = list(model.graph.output)
+    have = {o.name for o in outs}
     for n in graph.nodes:
         for t in n.output:
             if t and t not in have and graph.elem_types.get(t):
-                m.graph.output.append(onnx.helper.make_tensor_value_info(t, graph.elem_types[t], None))
+                outs.append(onnx.helper.make_tensor_value_info(t, graph.elem_types[t], None))
                 have.add(t)
-                names.append(t)
-    return m, [o.name for o in m.graph.output]
-
-
-def _relaxed(model: onnx.ModelProto, axes: dict) -> onnx.ModelProto:
-    """The model with each input's batch dim made symbolic, so ONNX Runtime accepts a bigger batch."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    for vi in m.graph.input:
-        axis = axes.get(vi.name)
-        dims = vi.type.tensor_type.shape.dim
-        if axis is not None and vi.type.tensor_type.HasField("shape") and axis < len(dims):
-            dims[axis].Clear()
-            dims[axis].dim_param = "onnxflex_batch"
-    return m
+    return outs
 
 
 DIGEST = 4096  # elements of a probed tensor kept to tell a shared tensor from a per-sample one
-PROBE_BYTES = 256 << 20  # outputs fetched per probe run: a decoder's every intermediate at once is 10+ GB
+PROBE_BYTES = 1 << 30  # outputs of one probe group (both runs): a decoder's every intermediate at once is 10+ GB
+_FIRST_GROUP, _MIN_GROUP = 32, 8  # tensors in the probe's first group (later ones: by the bytes fetched)
 
 
 @dataclass(frozen=True)
@@ -193,26 +177,52 @@ def classify(one, two, unit: int) -> Optional[Layout]:
     return Layout(k, one.shape[k] // unit)
 
 
-def probe(model: onnx.ModelProto, feed_one: dict, feed_two: Optional[dict], input_axes: dict, unit: int = 1,
-          session_factory=None) -> Batching:
+def probe(model: onnx.ModelProto, feed_one: dict, feed_two: Optional[dict], input_axes: dict, unit: int = 1) -> Batching:
     """Run the model on one unit (``feed_one``) and on two (``feed_two``, None when there is only one
-    sample) with every tensor as an output, and read each tensor's layout off the two results."""
-    from .runtime.session import make_session
+    sample) with every tensor as an output, and read each tensor's layout off the two results.
 
-    make = session_factory or partial(make_session, arena=False)
+    onnxruntime computes every node on every run and keeps every graph output of the run alive, so a
+    graph exposing all its intermediates held all of them at once (SmolLM2, 512 tokens: 8.3 GB peak).
+    The intermediates are therefore fetched in groups of about PROBE_BYTES, each group its own session
+    (the weights shared, not copied: runtime.session.SharedWeights), both runs per session. The
+    sessions have symbolic batch dims; only when that breaks the graph on one unit is the model probed
+    as exported, one unit at a time."""
+    from .runtime.session import SharedWeights
+
     graph = Graph(model)
-    probed, names = _typed_outputs(model, graph)
-    one = _run_seen(make(probed), names, feed_one)
+    outputs = _probe_outputs(model, graph)
+    weights = SharedWeights(model)
     inputs = {n: (SHARED if a is None else Layout(a)) for n, a in input_axes.items()}
+    one, two = {}, {}
+    axes = input_axes if feed_two is not None else None
+    failure = None if feed_two is not None else "one sample"
+    start, count = 0, _FIRST_GROUP  # before any size is known
+    while start < len(outputs):
+        group = outputs[start:start + count]
+        names = [o.name for o in group]
+        try:
+            sess = weights.session(group, batch_axes=axes, arena=False)
+            fetched = _fetch(sess, names, feed_one, one)
+        except Exception:  # noqa: BLE001 - symbolic batch dims break this graph: probe it as exported
+            if axes is None:
+                raise
+            axes, failure = None, "its graph does not run with a symbolic batch dimension"
+            continue
+        if failure is None:
+            try:
+                fetched += _fetch(sess, names, feed_two, two)
+            except Exception as e:  # noqa: BLE001 - the graph cannot take a bigger batch: run it unit by unit
+                failure = f"it does not run on a batch of {2 * unit} ({str(e).splitlines()[0][:160]})"
+        del sess
+        trim()
+        start += len(group)
+        count = int(min(2048, max(_MIN_GROUP, PROBE_BYTES * len(group) // max(fetched, 1))))
     result = Batching(shapes={t: v.shape for t, v in one.items()}, unit=unit, inputs=tuple(inputs))
     if feed_two is None:
         result.layouts = {**{t: _guess(v, unit) for t, v in one.items()}, **inputs}
         return result
-    try:
-        nbytes = {t: 2 * int(np.prod(v.shape)) * v.sample.itemsize for t, v in one.items()}
-        two = _run_seen(make(_relaxed(probed, input_axes)), names, feed_two, nbytes)
-    except Exception as e:  # noqa: BLE001 - the graph cannot take a bigger batch: run it unit by unit
-        return _locked(result, inputs, unit, f"it does not run on a batch of {2 * unit} ({str(e).splitlines()[0][:160]})")
+    if failure is not None:
+        return _locked(result, inputs, unit, failure)
     for t, v in one.items():
         lay = classify(v, two[t], unit)
         if lay is None:
@@ -224,25 +234,13 @@ def probe(model: onnx.ModelProto, feed_one: dict, feed_two: Optional[dict], inpu
     return result
 
 
-def _run_seen(sess, names: list, feed: dict, nbytes: Optional[dict] = None) -> dict:
-    """{tensor: Seen} for every name, fetched from one session a group at a time (groups of about
-    PROBE_BYTES when sizes are known, else of 512 tensors) so all intermediates never coexist."""
-    out, group, size = {}, [], 0
-
-    def flush():
-        for t, v in zip(group, sess.run(group, feed)):
-            out[t] = Seen.of(v)
-        trim()
-
-    for t in names:
-        group.append(t)
-        size += nbytes[t] if nbytes else 0
-        if (nbytes and size >= PROBE_BYTES) or (not nbytes and len(group) >= 512):
-            flush()
-            group, size = [], 0
-    if group:
-        flush()
-    return out
+def _fetch(sess, names: list, feed: dict, into: dict) -> int:
+    """Run ``sess`` for ``names``, keep a :class:`Seen` of each in ``into``; returns the bytes fetched."""
+    total = 0
+    for t, v in zip(names, sess.run(names, feed)):
+        into[t] = Seen.of(v)
+        total += getattr(v, "nbytes", 0)
+    return total
 
 
 def _guess(v: Seen, unit: int) -> Layout:

@@ -256,10 +256,25 @@ def test_int8_weight_minus_128():
     assert _rules(vs) == {"weight-range"} and vs[0].node == "w_DQ"
 
 
-def test_int4_weight_minus_8():
+def test_int4_weight_full_range_is_allowed():
+    """Weight-only INT4 uses the whole signed range [-8, 7] (TensorRT's and onnxruntime's INT4)."""
     w = np.full((4, 3, 1, 1), 3, np.int8)
     w[0, 0, 0, 0] = -8
-    assert _rules(check_qdq_model(int4_model(w_override=w))) == {"weight-range"}
+    assert _rules(check_qdq_model(int4_model(w_override=w))) == set()
+
+
+def test_negative_weight_scale_only_for_onnxruntime():
+    """A signed per-block weight scale is fine for onnxruntime but not for TensorRT."""
+    m = int4_model()
+    s = next(t for t in m.graph.initializer if t.name == "wm_s")
+    arr = numpy_helper.to_array(s).copy()
+    arr[0, 0] = -arr[0, 0]
+    s.CopyFrom(numpy_helper.from_array(arr, "wm_s"))
+    assert _rules(check_qdq_model(m, "tensorrt"), "wm_DQ") == {"scale"}
+    assert "scale" not in _rules(check_qdq_model(m, "ort-cpu"), "wm_DQ")
+    arr[0, 0] = 0.0
+    s.CopyFrom(numpy_helper.from_array(arr, "wm_s"))
+    assert "scale" in _rules(check_qdq_model(m, "ort-cpu"), "wm_DQ")
 
 
 def test_conv_per_channel_wrong_axis():

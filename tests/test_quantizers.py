@@ -41,6 +41,10 @@ def test_ranges():
     assert weight_qrange(4) == (-7, 7)
     assert weight_qrange(3) == (-3, 3)
     assert weight_qrange(2) == (-1, 1)
+    assert weight_qrange(4, "full") == weight_qrange(4, "signed") == (-8, 7)
+    assert weight_qrange(8, "full") == (-128, 127)
+    with pytest.raises(ValueError):
+        weight_qrange(4, "wide")
     assert act_qrange(8) == (-128, 127)
     assert act_qrange(16) == (-32768, 32767)
     with pytest.raises(ValueError):

@@ -96,9 +96,25 @@ def test_make_session_from_proto_bytes_and_path(tmp_path):
 
 
 def test_large_proto_goes_through_temp_file(monkeypatch):
-    monkeypatch.setattr(S, "fits_in_protobuf", lambda m: False)  # pretend the proto is over 2 GB
+    # pretend the proto is over 2 GB but below the weightless threshold (a graph of small constants)
+    monkeypatch.setattr(S, "fits_in_protobuf", lambda m, limit=None: limit is not None)
     s = S.make_session(_classifier())
     assert S.run_batched(s, [{"images": np.ones((1, 3, 8, 8), np.float32)}])["logits"].shape == (1, 6)
+
+
+def test_big_proto_session_shares_its_weights_instead_of_serialising_them(monkeypatch):
+    """Above WEIGHTLESS_ABOVE_BYTES a ModelProto is served weightless: same outputs, the large
+    initializers handed to onnxruntime as OrtValues, the caller's proto untouched."""
+    model = _classifier()
+    feed = [{"images": np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)}]
+    want = S.run_batched(S.make_session(model), feed)["logits"]
+    before = model.SerializeToString()
+    monkeypatch.setattr(S, "WEIGHTLESS_ABOVE_BYTES", 0)
+    monkeypatch.setattr("onnxflex.onnx_facts.WEIGHT_MIN_BYTES", 0)
+    s = S.make_session(model)
+    assert s._onnxflex_weights and set(s._onnxflex_weights) <= {t.name for t in model.graph.initializer}
+    np.testing.assert_array_equal(S.run_batched(s, feed)["logits"], want)
+    assert model.SerializeToString() == before
 
 
 def test_make_session_errors(tmp_path):
@@ -219,3 +235,19 @@ def test_region_targets_use_cuda_only_when_reconstructing_there_and_ort_offers_i
     assert target_providers("cpu") == ("cpu",)
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
     assert target_providers("cuda") == ("cpu",)
+
+
+def test_opset_upgrade_runs_weightless_and_puts_the_weights_back(monkeypatch):
+    """onnx's version converter sees stubs, not weights (no 2 GB limit, no extra copies); every
+    initializer comes back byte for byte and the converted model computes the same."""
+    from onnxflex.onnx_facts import default_opset, upgrade_opset
+
+    monkeypatch.setattr("onnxflex.onnx_facts.WEIGHT_MIN_BYTES", 0)
+    model = _classifier()
+    up = upgrade_opset(model, 21, "the test needs")
+    assert default_opset(up) == 21 and default_opset(model) == 13
+    before = {t.name: t.SerializeToString() for t in model.graph.initializer}
+    assert {t.name: t.SerializeToString() for t in up.graph.initializer if t.name in before} == before
+    feed = [{"images": np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)}]
+    np.testing.assert_array_equal(S.run_batched(S.make_session(up), feed)["logits"],
+                                  S.run_batched(S.make_session(model), feed)["logits"])

@@ -32,9 +32,9 @@ RULES: dict[str, str] = {
     "ir-version": "ir_version must be <= 10 (onnxruntime refuses newer)",
     "qdq-domain": "Q/DQ must be standard ONNX ops (domain ''), not com.microsoft",
     "qdq-dtype": "Q/DQ integer type must be int8 or int4 (TensorRT); uint8 is not allowed",
-    "zero-point": "zero points must be 0 (symmetric)",
-    "scale": "scales must be constant, finite and > 0",
-    "weight-range": "INT8 weights must lie in [-127, 127], INT4 weights in [-7, 7]",
+    "zero-point": "zero points must be 0 (symmetric), except onnxruntime's activations and unsigned weights",
+    "scale": "scales must be constant and finite, > 0 for TensorRT, non-zero for onnxruntime",
+    "weight-range": "INT8 weights must lie in [-127, 127], INT4 weights in [-8, 7]",
     "weight-axis": "per-channel weight scales on the consumer's output-channel axis; blocks on "
                    "its input-channel axis; scale shape must match",
     "int4-activation": "INT4 is weight-only; an activation must not be quantized to 4 bits",
@@ -57,7 +57,9 @@ _ACTIVATIONS = frozenset({"Relu", "Clip", "LeakyRelu", "HardSigmoid", "HardSwish
 _Q, _DQ = "QuantizeLinear", "DequantizeLinear"
 _QDQ_DOMAINS = ("", "ai.onnx", "com.microsoft")
 _INT4 = (TensorProto.INT4, TensorProto.UINT4)
-_WEIGHT_RANGE = {TensorProto.INT8: (-127, 127), TensorProto.INT4: (-7, 7)}
+_WEIGHT_RANGE = {TensorProto.INT8: (-127, 127), TensorProto.INT4: (-8, 7)}
+# onnxruntime: unsigned weight-only weights carry a zero point (--asymmetric; MatMulNBits takes uint4)
+_UNSIGNED_WEIGHTS = (TensorProto.UINT4, TensorProto.UINT8)
 _ALLOWED = {
     "tensorrt": {TensorProto.INT8, TensorProto.INT4},
     "ort-cpu": {TensorProto.INT8, TensorProto.UINT8, TensorProto.INT16, TensorProto.UINT16,
@@ -251,10 +253,11 @@ def check_qdq_model(model: onnx.ModelProto | str | os.PathLike,
         if scale is None:
             add("scale", name, f"scale '{s_name}' is not a constant; store it as an initializer")
         else:
-            bad = ~np.isfinite(scale) | (scale <= 0)
+            bad = ~np.isfinite(scale) | ((scale <= 0) if trt else (scale == 0))
             if np.any(bad):
+                want = "finite and > 0" if trt else "finite and non-zero"
                 add("scale", name, f"scale '{s_name}' has {int(bad.sum())} value(s) that are "
-                    f"not finite and > 0 (e.g. {scale.ravel()[np.argmax(bad.ravel())]})")
+                    f"not {want} (e.g. {scale.ravel()[np.argmax(bad.ravel())]})")
 
         # zero point: must be 0 except activations on ort-cpu
         zp_name = _input(n, 2)
@@ -262,7 +265,7 @@ def check_qdq_model(model: onnx.ModelProto | str | os.PathLike,
             zp = gr.array(zp_name)
             if zp is None:
                 add("zero-point", name, f"zero point '{zp_name}' is not a constant initializer")
-            elif np.any(zp.astype(np.int64) != 0) and (trt or is_weight):
+            elif np.any(zp.astype(np.int64) != 0) and (trt or (is_weight and dt not in _UNSIGNED_WEIGHTS)):
                 what = "weight" if is_weight else "activation"
                 add("zero-point", name, f"{what} zero point '{zp_name}' is non-zero "
                     f"({zp.ravel()[0]}…); {target} needs symmetric quantization (zero point 0)")

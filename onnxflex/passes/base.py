@@ -11,6 +11,7 @@ import time
 
 from ..errors import InternalError, OnnxflexError
 from ..graph import Graph
+from ..runtime.memory import peak_rss_mb
 
 log = logging.getLogger("onnxflex")
 REPORT_URL = "the onnxflex issue tracker"
@@ -29,7 +30,8 @@ class Pass:
 
 
 class Sequential(Pass):
-    """Run passes in order; record each pass's wall time in ``ctx.pass_seconds``."""
+    """Run passes in order; record each pass's wall time in ``ctx.pass_seconds`` and the run's peak RSS
+    when it ended in ``ctx.pass_peak_rss_mb`` (the first pass that reaches the final peak set it)."""
 
     name = "sequential"
 
@@ -52,4 +54,5 @@ class Sequential(Pass):
                                     f"(please report it on {REPORT_URL} with the model's op list "
                                     "from `onnxflex inspect`)") from e
             ctx.pass_seconds[p.name] = round(time.perf_counter() - t0, 3)
+            ctx.pass_peak_rss_mb[p.name] = peak_rss_mb()
         return graph

@@ -32,7 +32,9 @@ def _const(name: str, values: np.ndarray) -> gs.Constant:
     return gs.Constant(name, LazyValues(numpy_helper.from_array(values, name)))
 
 
-def _weight_ints(q: np.ndarray, bits: int) -> np.ndarray:
+def _weight_ints(q: np.ndarray, bits: int, unsigned: bool = False) -> np.ndarray:
+    if unsigned:
+        return q.astype(ml_dtypes.uint4 if bits <= 4 else np.uint8)
     return q.astype(ml_dtypes.int4 if bits <= 4 else np.int8)
 
 
@@ -61,10 +63,11 @@ def write_qdq(model: onnx.ModelProto, weight_results: dict, act_points: dict, ac
 
     int32_bias: a Gemm whose input is quantized gets its bias as int32 behind a DQ with scale
     input scale x weight scale (onnxruntime's CPU provider fuses such a Gemm into QGemm only then)."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    copy = upgrade_opset(copy, _needed_opset(weight_results, act_bits),
+    copy = upgrade_opset(model, _needed_opset(weight_results, act_bits),
                          "INT4 weights / INT16 activations need (or use --weight-bits 8 --act-bits 8)")
+    if copy is model:  # already at that opset: upgrade_opset made no copy
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
     graph = gs.import_onnx(copy)
     tensors = graph.tensors()
     nodes = {n.name: n for n in graph.nodes}
@@ -73,12 +76,15 @@ def write_qdq(model: onnx.ModelProto, weight_results: dict, act_points: dict, ac
         weight = tensors[spec.weight]
         base = spec.weight if len(weight.outputs) == 1 else f"{spec.weight}_{node_name}"
         scale = np.asarray(r.scale, np.float32)
+        unsigned = r.zero_point is not None
+        zero = r.zero_point if unsigned else np.zeros(scale.shape, np.int8)
         node.inputs[spec.weight_input] = _dequantize(
-            graph, f"{node_name}_weight_DequantizeLinear", base, _weight_ints(r.integers, r.bits), scale,
-            _weight_ints(np.zeros(scale.shape, np.int8), r.bits), spec.in_axis if r.block_size else spec.out_axis,
+            graph, f"{node_name}_weight_DequantizeLinear", base, _weight_ints(r.integers, r.bits, unsigned), scale,
+            _weight_ints(zero, r.bits, unsigned), spec.in_axis if r.block_size else spec.out_axis,
             weight.shape, r.block_size)
         point = act_points.get(spec.data_input)
-        if int32_bias and not r.block_size and spec.op_type == "Gemm" and spec.bias and point is not None and node_name in point.consumers:
+        if (int32_bias and not r.block_size and not unsigned and spec.op_type == "Gemm" and spec.bias and point is not None
+                and node_name in point.consumers):
             bias = tensors[spec.bias]
             b_scale = (np.float32(point.scale) * scale).astype(np.float32)
             b_q = np.round(np.asarray(bias.values, np.float32) / b_scale).astype(np.int32)

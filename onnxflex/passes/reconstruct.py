@@ -183,7 +183,8 @@ class RegionRun:
     def quantizers(self, method, learnable):
         return [(method if ok else self.rtn).make_quantizer(
                     torch.from_numpy(self.graph.array(w.weight).astype(np.float32)), self.bits(w), w.out_axis,
-                    w.in_axis, per_channel=self.cfg.granularity == "channel", block_size=self.block_size(w)).to(self.device)
+                    w.in_axis, per_channel=self.cfg.granularity == "channel", block_size=self.block_size(w),
+                    grid=self.ctx.target.weight_grid(self.cfg.act_bits, self.bits(w), self.cfg.asymmetric)).to(self.device)
                 for w, ok in zip(self.region.weights, learnable)]
 
     def run(self) -> RegionReport:
@@ -248,8 +249,9 @@ class RegionRun:
         y_q = torch_outputs(self.build(chosen), streams, streams.q, region.inputs, region.outputs, self.batch, self.device)
         for w, q in zip(region.weights, chosen):
             ctx.weight_results[w.node] = WeightResult(
-                w, q.integers().detach().cpu().numpy().astype(np.int32),
-                q.scale().detach().cpu().numpy().astype(np.float32), self.bits(w), q.block_size)
+                w, q.stored_integers().detach().cpu().numpy().astype(np.int32),
+                q.scale().detach().cpu().numpy().astype(np.float32), self.bits(w), q.block_size,
+                q.zero_point().cpu().numpy() if q.grid == "asymmetric" else None)
         streams.store(y_fp, y_q)
         return rep
 

@@ -52,12 +52,12 @@ class ValidatePass(Pass):
         from ..runtime.session import make_session
 
         try:
-            sess = make_session(ctx.qdq_model, optimization="disable")
+            sess = make_session(ctx.qdq_model, optimization="disable", arena=False)
         except OnnxflexError as e:
             raise InternalError(f"internal error: the written QDQ model does not load in ONNX Runtime: {e}") from None
         # the first float output is the one measured (a text model may echo its integer ids first)
         outs = [o.name for o in sess.get_outputs() if o.type == "tensor(float)"] or [sess.get_outputs()[0].name]
-        fp_sess = make_session(ctx.fp_model)
+        fp_sess = None  # only when the reconstruction's FP32 stream (ORT's own outputs) does not hold a batch
         unit = (ctx.batching.locked_unit if ctx.batching else None) or 1
         # the same cap the reconstruction used for outputs nothing else reads (a decoder's logits), fed a
         # few samples at a time: the errors are sums, so no batch of outputs is kept
@@ -66,17 +66,23 @@ class ValidatePass(Pass):
         while want % batch:  # whole batches, so the comparison with the torch stream ends where it does
             batch -= 1
         layout = ctx.batching.layout(outs[0]) if ctx.batching else None
-        sim = ctx.final_outputs.get(outs[0], (None, None))[1] if layout is not None else None
+        ref, sim = ctx.final_outputs.get(outs[0], (None, None)) if layout is not None else (None, None)
         quant, torch_err, seen = _Energy(), _Energy(), 0
         for feed in ctx.calibration.batches(ctx.batching.batch(batch) if ctx.batching else batch):
             if seen >= want:
                 break
-            qdq, fp = sess.run(outs[:1], feed)[0], fp_sess.run(outs[:1], feed)[0]
+            size = ctx.calibration.feed_size(feed)
+            qdq = sess.run(outs[:1], feed)[0]
+            fp = _stream_piece(ref, layout, seen, seen + size)
+            if fp is not None and fp.size == qdq.size:
+                fp = np.asarray(fp).reshape(qdq.shape)
+            else:  # a second copy of the weights in a session: only when the stream lacks the batch
+                fp_sess = fp_sess or make_session(ctx.fp_model, arena=False)
+                fp = fp_sess.run(outs[:1], feed)[0]
             if qdq.shape != fp.shape:
                 # a data-dependent output (a decoded sequence that stops elsewhere): no element-wise error
                 ctx.summary["calib_output_sqnr_db"] = "n/a: output length changed"
                 return graph
-            size = ctx.calibration.feed_size(feed)
             quant.add(fp, qdq)
             piece = _stream_piece(sim, layout, seen, seen + size)
             if piece is not None and piece.size == qdq.size:

@@ -11,12 +11,13 @@ from .adaround import AdaRoundQuantizer
 from .flexround import FlexRoundQuantizer
 from .gptq import GPTQQuantizer
 from .gram import GramStats, conv_gram, gram_loss, gram_mse, gram_sample_loss, linear_gram
-from .grid import (WeightQuantizer, act_qrange, init_weight_scale, quantize_weight, round_ste,
-                   weight_qrange)
+from .grid import (WeightQuantizer, act_qrange, init_weight_scale, init_weight_zero_scale, quantize_weight,
+                   round_ste, weight_qrange)
 from .rtn import RTNQuantizer
 
 __all__ = [
     "WeightQuantizer", "RTNQuantizer", "FlexRoundQuantizer", "AdaRoundQuantizer", "GPTQQuantizer",
     "ActQuantizer", "grad_scale", "GramStats", "conv_gram", "linear_gram",
-    "gram_loss", "gram_mse", "gram_sample_loss", "weight_qrange", "act_qrange", "round_ste", "init_weight_scale", "quantize_weight",
+    "gram_loss", "gram_mse", "gram_sample_loss", "weight_qrange", "act_qrange", "round_ste", "init_weight_scale",
+    "init_weight_zero_scale", "quantize_weight",
 ]

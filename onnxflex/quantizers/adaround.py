@@ -24,8 +24,8 @@ class AdaRoundQuantizer(WeightQuantizer):
 
     def __init__(self, weight, bits, out_axis, in_axis, per_channel=True, scale_method="lp",
                  init_scale=None, lam: float = 0.01, beta_start: float = 20.0, beta_end: float = 2.0,
-                 warmup: float = 0.2, block_size=0):
-        super().__init__(weight, bits, out_axis, in_axis, per_channel, scale_method, init_scale, block_size)
+                 warmup: float = 0.2, block_size=0, grid="narrow"):
+        super().__init__(weight, bits, out_axis, in_axis, per_channel, scale_method, init_scale, block_size, grid)
         self.lam, self.beta_start, self.beta_end, self.warmup = float(lam), float(beta_start), float(beta_end), float(warmup)
         s = self.s_init()
         self.register_buffer("s", s)

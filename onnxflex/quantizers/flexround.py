@@ -4,6 +4,7 @@ Follows the official code's log-space parameterisation:
     W_hat = s1 * clamp(round_ste(W / exp(log_s1 + log_S2 + log_s3 [+ log_s4])), qmin, qmax)
 The divisor contains the same learned s1 as the outer multiplier, so only the integers
 q = clamp(round(W / (s1*S2*s3*s4))) and s1 are deployed (S2, s3, s4 are folded into q).
+On the signed grid s1 = sign * exp(log_s1) with the sign fixed at init (W / s1 = sign * W / |s1|).
 """
 from __future__ import annotations
 
@@ -24,9 +25,12 @@ class FlexRoundQuantizer(WeightQuantizer):
     """
 
     def __init__(self, weight, bits, out_axis, in_axis, per_channel=True, scale_method="lp",
-                 init_scale=None, use_s4: Optional[bool] = None, block_size=0):
-        super().__init__(weight, bits, out_axis, in_axis, per_channel, scale_method, init_scale, block_size)
+                 init_scale=None, use_s4: Optional[bool] = None, block_size=0, grid="narrow"):
+        super().__init__(weight, bits, out_axis, in_axis, per_channel, scale_method, init_scale, block_size, grid)
         w = self.weight
+        # the weight seen through the sign of its scale, so the divisor stays exp(...) > 0
+        self.register_buffer("w_signed", w * self.expand_blocks(self.scale_sign) if grid == "signed" else None,
+                             persistent=False)
         self.log_s1 = nn.Parameter(self.log_s_init.clone())
         self.log_S2 = nn.Parameter(torch.zeros_like(w))
         if self.out_axis is not None:
@@ -45,7 +49,7 @@ class FlexRoundQuantizer(WeightQuantizer):
             self.log_s4 = None
 
     def scale_broadcast(self) -> Tensor:
-        return self.expand_blocks(torch.exp(self.log_s1))
+        return self.expand_blocks(self.scale_sign * torch.exp(self.log_s1))
 
     def _log_divisor(self) -> Tensor:
         t = self.expand_blocks(self.log_s1) + self.log_S2
@@ -56,7 +60,7 @@ class FlexRoundQuantizer(WeightQuantizer):
         return t
 
     def _z(self) -> Tensor:
-        return self.weight / torch.exp(self._log_divisor())
+        return (self.weight if self.w_signed is None else self.w_signed) / torch.exp(self._log_divisor())
 
     def forward(self) -> Tensor:
         return self.scale_broadcast() * torch.clamp(round_ste(self._z()), self.qmin, self.qmax)

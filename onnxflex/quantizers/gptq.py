@@ -142,10 +142,12 @@ class GPTQQuantizer(WeightQuantizer):
     """
 
     def __init__(self, weight, bits, out_axis, in_axis, per_channel=True, scale_method="lp", init_scale=None,
-                 block_size=0):
+                 block_size=0, grid="narrow"):
         if block_size:
             raise ValueError("GPTQ here keeps one scale per output channel; use block_size 0")
-        super().__init__(weight, bits, out_axis, in_axis, per_channel, scale_method, init_scale)
+        if grid == "asymmetric":
+            raise ValueError("GPTQ here is symmetric; use a symmetric grid")
+        super().__init__(weight, bits, out_axis, in_axis, per_channel, scale_method, init_scale, grid=grid)
         self.register_buffer("s", self.s_init())
         self.register_buffer("q", torch.clamp(torch.round(self.weight / self.s), self.qmin, self.qmax))
 

@@ -11,8 +11,8 @@ class RTNQuantizer(WeightQuantizer):
     """q = clamp(round(W / s1)), s1 from the range search; no learnable parameters."""
 
     def __init__(self, weight, bits, out_axis, in_axis, per_channel=True, scale_method="lp", init_scale=None,
-                 block_size=0):
-        super().__init__(weight, bits, out_axis, in_axis, per_channel, scale_method, init_scale, block_size)
+                 block_size=0, grid="narrow"):
+        super().__init__(weight, bits, out_axis, in_axis, per_channel, scale_method, init_scale, block_size, grid)
         self.register_buffer("s", self.s_init())
 
     def scale_broadcast(self) -> Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import resource
 
 
 @functools.lru_cache(maxsize=1)
@@ -26,3 +27,8 @@ def trim() -> None:
     lib = _libc()
     if lib is not None:
         lib.malloc_trim(0)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB (Linux reports ru_maxrss in KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

@@ -22,7 +22,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from ..errors import OnnxflexError
-from ..onnx_facts import fits_in_protobuf
+from ..onnx_facts import fits_in_protobuf, weightless_copy
 
 PROVIDER_NAMES = {
     "cpu": "CPUExecutionProvider",
@@ -209,6 +209,7 @@ def make_session(
     provider_options: dict[str, dict] | None = None,
     spin: bool = True,
     arena: bool = True,
+    initializers: dict | None = None,
 ) -> ort.InferenceSession:
     """An :class:`onnxruntime.InferenceSession` for a path, ModelProto or serialized bytes.
 
@@ -218,9 +219,12 @@ def make_session(
     TensorRT gets ``trt_int8_enable`` for Q/DQ models by default (TensorRT needs the INT8 flag to honour
     explicit Q/DQ).  The IR version is lowered when ORT refuses it; protos >= 2 GB go through a temp file.
     ``spin=False`` for sessions whose runs alternate with torch work (reconstruction); ``arena=False``
-    returns each run's memory when it ends.
+    returns each run's memory when it ends. ``initializers``: {name: OrtValue} for the initializers a
+    :class:`SharedWeights` skeleton marks external (the session uses them without a copy).
     """
     so = _session_options(threads, optimization, spin, arena)
+    if initializers:
+        so.add_external_initializers(list(initializers), list(initializers.values()))
     provs = _resolve_providers(providers)
     opts_by = {}
     for k, v in (provider_options or {}).items():
@@ -281,6 +285,15 @@ def make_session(
             raise fail(e, what) from None
 
     assert proto is not None
+    if initializers is None and not fits_in_protobuf(proto, WEIGHTLESS_ABOVE_BYTES):
+        shared = SharedWeights(proto)  # weights handed over in place: no serialised copy, no temp file
+        try:
+            return shared.session(threads=threads, optimization=optimization, provider_options=provider_options,
+                                  spin=spin, arena=arena, providers=providers)
+        except OnnxflexError:
+            raise
+        except Exception as e:
+            raise fail(e, what) from None
     old_ir = proto.ir_version
     fix_ir_version(proto)  # restored below: the caller's proto is not ours to change
     try:
@@ -305,6 +318,51 @@ def make_session(
                 raise fail(e, what) from None
     finally:
         proto.ir_version = old_ir
+
+
+#: tensor types an OrtValue can be made from (numpy's own dtypes; not int4, bfloat16 or float8)
+_ORTVALUE_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.INT8, TensorProto.INT16,
+                             TensorProto.INT32, TensorProto.INT64, TensorProto.UINT8, TensorProto.UINT16, TensorProto.UINT32,
+                             TensorProto.UINT64, TensorProto.BOOL})
+#: a ModelProto at least this big becomes a session through SharedWeights (serialising it would copy it)
+WEIGHTLESS_ABOVE_BYTES = 64 << 20
+
+
+class SharedWeights:
+    """A model's large initializers held once, as OrtValues, for many sessions over variants of its graph.
+
+    onnxruntime runs every node of a graph on every run, whatever outputs are asked for, so a run that
+    fetches a few intermediates of a graph exposing all of them keeps all of them alive (the batch
+    probe of a decoder: 8 GB for 0.5 GB of weights). The probe therefore builds one session per group
+    of outputs; this keeps those sessions from each serialising and copying the weights: ``skeleton``
+    is the model with each large initializer marked external, and :meth:`session` hands onnxruntime
+    the arrays through ``add_external_initializers``, which it uses in place.
+    """
+
+    def __init__(self, model: onnx.ModelProto):
+        from onnx import numpy_helper
+
+        self.skeleton, weights = weightless_copy(model, types=_ORTVALUE_TYPES)
+        self.values = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(numpy_helper.to_array(t)))
+                       for name, t in weights.items()}
+
+    def session(self, outputs: Sequence | None = None, batch_axes: dict | None = None, **kwargs) -> ort.InferenceSession:
+        """A session on the skeleton whose graph outputs are ``outputs`` (ValueInfoProtos; None keeps
+        the model's) and whose inputs have a symbolic dim on ``batch_axes`` {input: axis}."""
+        m = onnx.ModelProto()
+        m.CopyFrom(self.skeleton)
+        if outputs is not None:
+            del m.graph.output[:]
+            m.graph.output.extend(outputs)
+        for vi in m.graph.input:
+            axis = (batch_axes or {}).get(vi.name)
+            dims = vi.type.tensor_type.shape.dim
+            if axis is not None and vi.type.tensor_type.HasField("shape") and axis < len(dims):
+                dims[axis].Clear()
+                dims[axis].dim_param = "onnxflex_batch"
+        sess = make_session(m, initializers=self.values, **kwargs)
+        sess._onnxflex_weights = self.values  # the arrays must outlive the session
+        return sess
 
 
 def input_specs(session: ort.InferenceSession) -> dict[str, tuple[list, np.dtype]]:
