@@ -217,7 +217,9 @@ def make_session(
     warning and CPU is always last.  ``threads``: intra-op threads (None = ORT default).
     ``optimization``: disable | basic | extended | all.  ``provider_options``: {short or ORT name: {...}};
     TensorRT gets ``trt_int8_enable`` for Q/DQ models by default (TensorRT needs the INT8 flag to honour
-    explicit Q/DQ).  The IR version is lowered when ORT refuses it; protos >= 2 GB go through a temp file.
+    explicit Q/DQ).  The IR version is lowered when ORT refuses it; a proto of WEIGHTLESS_ABOVE_BYTES or more
+    goes through :class:`SharedWeights` (no serialised copy, no 2 GB limit), and only a >= 2 GB proto whose
+    bytes are not in large initializers through a temp file.
     ``spin=False`` for sessions whose runs alternate with torch work (reconstruction); ``arena=False``
     returns each run's memory when it ends. ``initializers``: {name: OrtValue} for the initializers a
     :class:`SharedWeights` skeleton marks external (the session uses them without a copy).
