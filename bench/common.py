@@ -66,3 +66,17 @@ def ort_quantize_static(fp32: str, out: str, calibration, **options) -> float:
     t0 = time.perf_counter()
     quantize_static(fp32, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True, **options)
     return time.perf_counter() - t0
+
+
+def imagenet_model(model: str, work: str) -> tuple[Path, str]:
+    """(the FP32 ONNX file of MODEL under WORK, built on first use; the ImageNet val folder). Exits with a
+    clear message when the ImageNet sample (../shared beside the repo) is missing."""
+    from models.build import IMAGENET_SAMPLE, MODELS
+
+    if not (IMAGENET_SAMPLE / "val" / "labels.csv").exists():
+        sys.exit(f"needs the ImageNet sample at {IMAGENET_SAMPLE} (../shared beside the repo)")
+    Path(work).mkdir(parents=True, exist_ok=True)
+    fp32 = Path(work) / f"{model}.onnx"
+    if not fp32.exists():
+        MODELS[model][0](str(fp32))
+    return fp32, str(IMAGENET_SAMPLE / "val")

@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import fmt, machine, parse_row, run_quantize, save_results  # noqa: E402
+from bench.common import fmt, imagenet_model, machine, parse_row, run_quantize, save_results  # noqa: E402
 from models.build import IMAGE_MODELS, IMAGENET_SAMPLE, MODELS  # noqa: E402
 from onnxflex.calib import make_preprocess  # noqa: E402
 from onnxflex.runtime.evaluate import evaluate  # noqa: E402
@@ -50,15 +50,8 @@ def main():
     ap.add_argument("--work", default=str(ROOT / "artifacts" / "bench"))
     ap.add_argument("--tag", default="", help="suffix for the results file")
     args = ap.parse_args()
-    if not (IMAGENET_SAMPLE / "val" / "labels.csv").exists():
-        sys.exit(f"needs the ImageNet sample at {IMAGENET_SAMPLE} (../shared beside the repo)")
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    fp32 = work / f"{args.model}.onnx"
-    if not fp32.exists():
-        MODELS[args.model][0](str(fp32))
-    pp = preprocess_for(args.model)
-    val = str(IMAGENET_SAMPLE / "val")
+    fp32, val = imagenet_model(args.model, args.work)
+    work, pp = Path(args.work), preprocess_for(args.model)
     base = evaluate(str(fp32), val, preprocess=pp)
     rows = [dict(method="fp32", bits="W32A32", top1=base.top1 * 100, agree=100.0, seconds=None, peak_mb=None,
                  iters=None, sqnr=None)]

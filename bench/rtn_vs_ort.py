@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.flexround_imagenet import preprocess_for  # noqa: E402
-from models.build import IMAGENET_SAMPLE, MODELS  # noqa: E402
+from models.build import IMAGENET_SAMPLE  # noqa: E402
 
 
 def _ort_quantize(fp32, out, calib_size, name, bits, q):
@@ -68,15 +68,10 @@ def main():
     ap.add_argument("--calib-size", type=int, default=256)
     ap.add_argument("--work", default=str(ROOT / "artifacts" / "bench"))
     args = ap.parse_args()
-    if not (IMAGENET_SAMPLE / "val" / "labels.csv").exists():
-        sys.exit(f"needs the ImageNet sample at {IMAGENET_SAMPLE} (../shared beside the repo)")
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    fp32 = str(work / f"{args.model}.onnx")
-    if not Path(fp32).exists():
-        MODELS[args.model][0](fp32)
-    pp = preprocess_for(args.model)
-    val = str(IMAGENET_SAMPLE / "val")
+    from bench.common import imagenet_model
+
+    fp32, val = imagenet_model(args.model, args.work)
+    fp32, work, pp = str(fp32), Path(args.work), preprocess_for(args.model)
     base = evaluate(fp32, val, preprocess=pp).top1 * 100
     runs = [("onnxruntime quantize_static", 8, "minmax"), ("onnxruntime quantize_static", 4, "minmax"),
             ("onnxflex rtn", 8, "minmax"), ("onnxflex rtn", 8, "percentile"), ("onnxflex rtn", 8, "mse"),

@@ -129,7 +129,10 @@ def main(verbose):
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--tf32", is_flag=True, help="CUDA: allow TF32 convolutions and matmuls (faster, less like a CPU run)")
 @click.option("--max-memory", type=float, default=4.0, show_default=True,
-              help="GiB of calibration activations kept in RAM before spilling to disk")
+              help="GiB of calibration activations kept in RAM; beyond it they go to files (read back exactly)")
+@click.option("--stream-precision", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+              help="how calibration activations are held between regions: float16 halves the memory, its rounding "
+                   "lies far below 8-bit noise (bench/stream_precision.py); float32 keeps every bit")
 @click.option("--target", type=click.Choice(TARGETS), default="tensorrt", show_default=True,
               help="runtime the output is for: tensorrt = symmetric int8 Q/DQ on weighted-op inputs; ort-cpu = "
                    "Q/DQ around every quantized op so onnxruntime's CPU int8 kernels run")
@@ -140,7 +143,8 @@ def main(verbose):
 @user_errors
 def quantize(model, calib, output, method, weight_bits, act_bits, granularity, block_size, asymmetric, regions, preset, iters, batch_size,
              lr, act_lr, drop_prob, calib_size, augment, calib_method, first_last_bits, exclude, quantize_attention,
-             tokenizer, max_length, seq_len, device, tf32, max_memory, target, report, seed, quiet, preprocess, size, resize, mean, std):
+             tokenizer, max_length, seq_len, device, tf32, max_memory, stream_precision,
+             target, report, seed, quiet, preprocess, size, resize, mean, std):
     """Quantize MODEL with calibration data and write a QDQ ONNX model."""
     from .api import quantize as run_quantize
 
@@ -150,7 +154,7 @@ def quantize(model, calib, output, method, weight_bits, act_bits, granularity, b
                       act_lr=act_lr, drop_prob=drop_prob,
                       calib_size=calib_size, augment=augment, calib_method=calib_method, first_last_bits=first_last_bits or None,
                       exclude=list(exclude), quantize_act_matmul=quantize_attention, device=device, tf32=tf32, seed=seed,
-                      max_memory=max_memory, target=target,
+                      max_memory=max_memory, stream_precision=stream_precision, target=target,
                       progress=not quiet)
     source = calib[0] if len(calib) == 1 else list(calib)
     result = run_quantize(model, output, source, cfg, preprocess=_preprocess(preprocess, size, resize, mean, std),

@@ -11,6 +11,7 @@ from .targets import get_target
 
 REGION_MODES = ("auto", "layer", "block")
 CALIB_METHODS = ("auto", "percentile", "mse", "minmax")
+STREAM_PRECISIONS = ("float16", "float32")
 
 # iterations per region, mini-batch size, FlexRound lr, AdaRound lr, activation-step (LSQ) lr
 PRESETS = {
@@ -54,6 +55,9 @@ class QuantConfig:
     tf32: bool = False  # CUDA: allow TF32 convolutions/matmuls (faster; results drift further from a CPU run)
     seed: int = 0
     max_memory: float = 4.0  # GiB of live calibration tensors held in RAM before spilling to disk
+    # how the reconstruction streams hold float32 tensors: float16 halves them (measured in
+    # bench/stream_precision.py), float32 keeps every bit
+    stream_precision: str = "float16"
     target: str = "tensorrt"  # tensorrt | ort-cpu: where activation Q/DQ go, their type, the rule check
     progress: bool = True
 
@@ -80,6 +84,11 @@ class QuantConfig:
             raise OnnxflexError("--block-size needs --granularity channel (blocks split each output channel)")
         if self.block_size and self.method == "gptq":
             raise OnnxflexError("--method gptq keeps one scale per output channel; use --block-size 0, or rtn/adaround/flexround")
+        if self.stream_precision not in STREAM_PRECISIONS:
+            raise OnnxflexError(f"unknown stream precision {self.stream_precision!r}; choose one of "
+                                f"{', '.join(STREAM_PRECISIONS)}")
+        if not self.max_memory >= 0:
+            raise OnnxflexError("--max-memory must be 0 or more (GiB; 0 keeps every stream tensor in a file)")
         if self.calib_size < 1:
             raise OnnxflexError("--calib-size must be at least 1")
         if self.asymmetric and self.act_bits:

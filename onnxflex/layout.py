@@ -40,17 +40,17 @@ class Layout:
         return (idx[:, None] * self.per_sample + np.arange(self.per_sample)).reshape(-1)
 
     def take(self, a, idx):
-        """The samples ``idx`` (sorted; a whole unit when stacked) of a joined array, numpy or torch."""
+        """The samples ``idx`` (sorted; a whole unit when stacked) of a joined array: numpy, torch or stored."""
         if self.stacked:
             return a[int(idx[0]) // self.unit]
         if self.axis is None:
             return a
         rows = np.asarray(idx) if self.per_sample == 1 else self.rows(idx)
-        if isinstance(a, np.ndarray):
-            return a[rows] if self.axis == 0 else np.take(a, rows, axis=self.axis)
-        import torch
+        if hasattr(a, "index_select"):  # a torch tensor
+            import torch
 
-        return a.index_select(self.axis, torch.as_tensor(rows, device=a.device))
+            return a.index_select(self.axis, torch.as_tensor(rows, device=a.device))
+        return a[(slice(None),) * self.axis + (rows,)]  # numpy, or a stored array (onnxflex.store)
 
     def slice(self, a, start: int, stop: int):
         """Samples [start, stop) of a joined array."""

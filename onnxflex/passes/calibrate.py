@@ -6,6 +6,8 @@ asks the target for them and measures their ranges.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import onnx
 
@@ -18,6 +20,7 @@ from .base import Pass
 CANDIDATE_PERCENTILES = (99.9, 99.99, 99.999)
 CANDIDATE_RATIOS = (0.8, 0.6, 0.45)
 SAMPLE_PER_TENSOR = 1 << 18  # values kept per tensor for percentile / MSE search
+CALIB_RUN_BYTES = 128 << 20  # outputs of one calibration run (see CalibratePass)
 QRANGES = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767), "uint16": (0, 65535)}
 
 
@@ -69,39 +72,63 @@ def range_from_samples(samples: np.ndarray, low: float, high: float, method: str
     return r * low, r * high
 
 
+def _feed_size(feed: dict) -> int:
+    return next((v.shape[0] for v in feed.values() if v.ndim), 1)  # text feeds are [batch, seq]
+
+
+def _sample_values(v: np.ndarray, mask, b: int, start: int, k: int, key: tuple) -> list:
+    """About ``k`` values of each sample of a run's output ``v`` (its real tokens only, for text), drawn
+    by a generator seeded with the sample's index: the ranges do not depend on how the samples were
+    batched (the calibrate pass sizes its runs by memory)."""
+    if not (v.ndim and v.shape[0] == b):  # a tensor without a per-sample axis 0 (a locked graph's): the run
+        parts, first = [v.reshape(-1)], [1, start]
+    else:
+        parts = [v[i][mask[i]] if mask is not None and v.shape[:2] == mask.shape else v[i] for i in range(b)]
+        parts, first = [x.reshape(-1) for x in parts], None
+    out = []
+    for i, x in enumerate(parts):
+        if x.size <= k:
+            out.append(x.astype(np.float32))
+            continue
+        rng = np.random.default_rng(list(key) + (first or [0, start + i]))
+        out.append(x[rng.integers(0, x.size, k)].astype(np.float32))
+    return out
+
+
 def calibrate_points(model: onnx.ModelProto, points: dict[str, ActPoint], batches, method: str = "mse",
                      percentile: float = 99.99, seed: int = 0, symmetric: bool = True, session_factory=None,
-                     token_mask: np.ndarray | None = None, candidates: bool = False) -> None:
+                     token_mask: np.ndarray | None = None, candidates: bool = False, num_samples: int | None = None) -> None:
     """Fill each point's scale and zero point by running the FP32 model in ONNX Runtime with the
     points as outputs (each point's ``dtype`` gives its grid).
 
     token_mask: [samples, seq] for text; values at padded positions of [batch, seq, ...] tensors
-    are left out of the ranges (they are never looked at downstream)."""
+    are left out of the ranges (they are never looked at downstream). ``num_samples``: how many samples
+    ``batches`` holds (then it is read lazily, one feed at a time)."""
     if not points:
         return
     from ..runtime.session import make_session
 
-    sess = (session_factory or make_session)(with_float_outputs(model, points))
+    sess = (session_factory or partial(make_session, arena=False))(with_float_outputs(model, points))
     names = list(points)
-    rng = np.random.default_rng(seed)
     samples = {t: [] for t in names}
-    batches = list(batches)
-    per_batch = max(4096, SAMPLE_PER_TENSOR // max(1, len(batches)))
+    if num_samples is None:
+        batches = list(batches)
+        num_samples = sum(_feed_size(feed) for feed in batches)
+    per_sample = max(16, SAMPLE_PER_TENSOR // max(1, num_samples))
+    sampling = method != "minmax" or candidates
     start = 0
     for feed in batches:
+        b = _feed_size(feed)
         outs = sess.run(names, feed)
-        b = next((v.shape[0] for v in feed.values() if v.ndim), 1)  # text feeds are [batch, seq]
         m = None if token_mask is None else token_mask[start:start + b] > 0
-        start += b
-        for t, v in zip(names, outs):
-            v = v[m] if m is not None and v.shape[:2] == m.shape else v
-            v = v.reshape(-1)
+        for ti, (t, v) in enumerate(zip(names, outs)):
             p = points[t]
             if v.size:
                 p.low, p.high = min(p.low, float(v.min())), max(p.high, float(v.max()))
-            if method != "minmax" or candidates:
-                take = v if v.size <= per_batch else v[rng.integers(0, v.size, per_batch)]
-                samples[t].append(take.astype(np.float32))
+            if sampling:
+                samples[t].extend(_sample_values(v, m, b, start, per_sample, (int(seed) & 0xFFFFFFFF, ti)))
+        start += b
+        del outs
     for t in names:
         p = points[t]
         s = np.concatenate(samples[t]) if samples[t] else np.zeros(0, np.float32)
@@ -149,8 +176,12 @@ class CalibratePass(Pass):
         residual = cfg.quantize_residual if cfg.quantize_residual is not None else not attention
         opts = PlacementOptions(quantize_act_matmul=cfg.quantize_act_matmul, quantize_residual=residual)
         ctx.act_points = ctx.target.act_points(graph, ctx.traits, ctx.quantize_nodes, opts, cfg.act_bits)
-        calibrate_points(graph.model, ctx.act_points, ctx.calibration.batches(ctx.batching.batch(cfg.batch_size)),
+        # runs sized by the bytes of the outputs they return (onnxruntime keeps every requested output of a
+        # run: 32 images of a 224-px CNN's 59 points are 0.8 GB, and the Python copies as much again)
+        per_sample = 4 * sum(ctx.tensor_sizes.get(t, 0) for t in ctx.act_points)
+        batch = max(1, min(cfg.batch_size, CALIB_RUN_BYTES // max(per_sample, 1)))
+        calibrate_points(graph.model, ctx.act_points, ctx.calibration.batches(ctx.batching.batch(batch)),
                          resolve_calib_method(cfg.calib_method, attention), cfg.percentile, cfg.seed,
                          symmetric=ctx.target.act_symmetric, token_mask=ctx.calibration.token_mask,
-                         candidates=cfg.calib_method == "auto" and attention)
+                         candidates=cfg.calib_method == "auto" and attention, num_samples=ctx.calibration.num_samples)
         return graph

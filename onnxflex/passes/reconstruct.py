@@ -37,6 +37,7 @@ log = logging.getLogger("onnxflex")
 ROWS_PER_INPUT = 4  # see determined()
 EVAL_SAMPLES = 32  # held-out calibration samples on which RTN and learned region errors are compared
 RANGE_SAMPLES = 64  # training samples on which each activation's range candidates are compared
+EVAL_CHUNK_BYTES = 32 << 20  # see eval_batch()
 LIFT_TOLERANCE = 1e-3  # relative output error of the lifted FP32 region against onnxruntime's
 
 
@@ -49,6 +50,15 @@ def determined(graph: Graph, ctx, spec, n: int) -> bool:
     k = int(np.prod(w.dims)) // max(1, cout)
     positions = ctx.tensor_sizes.get(graph.node_by_name[spec.node].output[0], cout) // max(1, cout)
     return n * max(1, positions) >= ROWS_PER_INPUT * k
+
+
+def eval_batch(graph: Graph, sizes: dict, region, most: int) -> int:
+    """Samples per forward pass (onnxruntime targets, torch outputs, held-out errors): as many as keep
+    one pass's inputs and outputs within EVAL_CHUNK_BYTES, at most ``most``. The passes' copies (layout
+    reorders, float32 reads of float16 streams) are several times one batch: at 32 images the widest
+    CNN region took 1.2 GB above its streams. Independent of --max-memory, so results are too."""
+    per_sample = sum(sizes.get(t, 0) for t in list(region.inputs) + list(region.outputs)) * 4
+    return int(max(1, min(most, EVAL_CHUNK_BYTES // max(per_sample, 1))))
 
 
 def max_scale(point, bits: int) -> float:
@@ -94,14 +104,16 @@ class ReconstructPass(Pass):
                                 f"{ctx.calibration.num_samples}; give at least {unit} samples")
         n_hold = (min(EVAL_SAMPLES, n // 8) if n >= 16 else 0) // unit * unit
         mask = ctx.calibration.token_mask
-        streams = Streams(TensorStore(budget), TensorStore(budget), n, n - n_hold,
+        compact = cfg.stream_precision == "float16"
+        streams = Streams(TensorStore(budget, compact=compact), TensorStore(budget, compact=compact), n, n - n_hold,
                           None if mask is None else np.asarray(mask[:n], np.float32), batching)
         # one span (no copy beyond the join) unless the graph is locked: then one feed per unit
         feeds = [ctx.calibration.joined(ctx.calibration.samples[s:e]) for s, e in streams.spans(range(n), n)]
         for name in ctx.calibration.input_names:
             arr = streams.layout(name).join([f[name] for f in feeds])
-            streams.fp.put(name, arr)
-            streams.q.put(name, arr)
+            streams.fp.put(name, arr, compact=False)  # the inputs as given: one array shared by both streams
+            streams.q.put(name, arr, compact=False)
+        del feeds
         keep_after = needed_after(graph, ctx.regions)
         learn_steps = ctx.method.fit == "adam" and ctx.method.learns_act_steps and cfg.iters > 0 and cfg.act_lr > 0
         act_modules = {t: ActQuantizer(p.scale, cfg.act_bits, learn=learn_steps, zero_point=p.zero_point,
@@ -136,7 +148,8 @@ class ReconstructPass(Pass):
                 trim()
                 bar.set_postfix_str(f"{region.name} {rep.status}")
                 bar.update(1)
-            ctx.final_outputs = {o: (streams.fp[o], streams.q[o]) for o in graph.output_names if o in streams.fp}
+            ctx.final_outputs = {o: (streams.fp.release(o), streams.q.release(o)) for o in graph.output_names
+                                 if o in streams.fp and o in streams.q}
             ctx.stream_peak_bytes = streams.fp.peak_bytes + streams.q.peak_bytes
         finally:
             bar.close()
@@ -155,7 +168,7 @@ class RegionRun:
     def __init__(self, graph, ctx, region, streams, act_modules, owners, first_last, device):
         self.graph, self.ctx, self.region, self.streams, self.device = graph, ctx, region, streams, device
         self.cfg = ctx.config
-        self.batch = streams.batching.batch(max(self.cfg.batch_size, 32))
+        self.batch = streams.batching.batch(eval_batch(graph, ctx.tensor_sizes, region, max(self.cfg.batch_size, 32)))
         names = {nd.name for nd in region.nodes}
         self.act_quant = {t: m for t, m in act_modules.items() if ctx.act_points[t].consumers & names}
         self.own_acts = {t: m for t, m in self.act_quant.items() if owners.get(t) == region.index}
@@ -193,11 +206,14 @@ class RegionRun:
                            [w.node for w in region.weights], "none")
         n = streams.n
         lin_outputs = [graph.node_by_name[w.node].output[0] for w in region.weights]
-        extra = [o for o in lin_outputs if o not in region.outputs]
+        method = ctx.method
+        active = method.fit == "solve" or (method.fit == "adam" and cfg.iters > 0)
+        # the weighted ops' own outputs, when a one-op region's Gram form will be fitted on them
+        extra = [o for o in lin_outputs if o not in region.outputs] if active and gram_applicable(graph, region) else []
         in_dtypes = {t: streams.fp[t].dtype for t in region.inputs}
         sess = make_session(region_model(graph, region, region.outputs + extra, in_dtypes),
-                            target_providers(ctx.device), spin=False)
-        y_fp_all = ort_outputs(sess, streams, streams.fp, region.inputs, region.outputs + extra, self.batch)
+                            target_providers(ctx.device), spin=False, arena=False)
+        y_fp_all = ort_outputs(sess, streams, streams.fp, region.inputs, region.outputs + extra, self.batch, streams.fp)
         y_fp = {o: y_fp_all[o] for o in region.outputs}
 
         problem = ("no torch lifting for " + ",".join(region.unsupported)) if region.unsupported else self.lift_problem(y_fp)
@@ -207,12 +223,12 @@ class RegionRun:
             names = {nd.name for nd in region.nodes}
             for p in ctx.act_points.values():  # nothing of this region reads quantized activations
                 p.consumers -= names
-            streams.store(y_fp, ort_outputs(sess, streams, streams.q, region.inputs, region.outputs, self.batch))
+            ort_outputs(sess, streams, streams.q, region.inputs, region.outputs, self.batch, streams.q)
             return rep
         if not region.weights:
             rep.status = "fp32: no quantized weights"
-            streams.store(y_fp, torch_outputs(self.build([]), streams, streams.q, region.inputs, region.outputs,
-                                              self.batch, self.device))
+            torch_outputs(self.build([]), streams, streams.q, region.inputs, region.outputs, self.batch, self.device,
+                          streams.q)
             return rep
 
         learnable = [determined(graph, ctx, w, n) for w in region.weights]
@@ -228,8 +244,6 @@ class RegionRun:
                                            range(0, min(streams.n_train, RANGE_SAMPLES)), self.batch, self.device)
         rep.rtn_mse = region_mse(rtn_module, streams, streams.q, region.inputs, y_fp, held, self.batch, self.device)
         rep.final_mse, chosen, rep.status = rep.rtn_mse, rtn_q, "rtn"
-        method = ctx.method
-        active = method.fit == "solve" or (method.fit == "adam" and cfg.iters > 0)
         if active and not any(learnable):
             rep.status = "rtn: too few calibration rows to learn"
         elif active and method.fit == "solve" and not gram_applicable(graph, region):
@@ -246,13 +260,13 @@ class RegionRun:
                 rep.final_mse, chosen, rep.status = rep.learned_mse, learned, "learned"
             if rep.status.startswith("kept"):
                 log.warning("region %s: %s", region.name, rep.status)
-        y_q = torch_outputs(self.build(chosen), streams, streams.q, region.inputs, region.outputs, self.batch, self.device)
+        torch_outputs(self.build(chosen), streams, streams.q, region.inputs, region.outputs, self.batch, self.device,
+                      streams.q)
         for w, q in zip(region.weights, chosen):
             ctx.weight_results[w.node] = WeightResult(
                 w, q.stored_integers().detach().cpu().numpy().astype(np.int32),
                 q.scale().detach().cpu().numpy().astype(np.float32), self.bits(w), q.block_size,
                 q.zero_point().cpu().numpy() if q.grid == "asymmetric" else None)
-        streams.store(y_fp, y_q)
         return rep
 
     def lift_problem(self, y_fp: dict) -> str | None:

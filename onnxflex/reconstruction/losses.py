@@ -6,6 +6,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..runtime.memory import trim
 from .streams import to_torch
 
 FLOAT_TYPES = (np.float32, np.float16, np.float64)
@@ -51,4 +52,5 @@ def region_mse(module, streams, store, inputs: list, targets: dict, samples: ran
             err, c = squared_error(outs[o], to_torch(target, device), mask, dtype=torch.float64)
             sq[o] += float(err)
             count[o] += c
+    trim()  # the batches' buffers would stay in the heap (runtime/memory.py)
     return float(np.mean([sq[o] / max(count[o], 1.0) for o in names]))

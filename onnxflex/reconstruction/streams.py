@@ -16,6 +16,7 @@ from ..context import Region
 from ..graph import Graph, reads
 from ..layout import Batching, Layout
 from ..onnx_facts import cap_ir_version
+from ..runtime.memory import trim
 from ..store import TensorStore
 
 
@@ -64,12 +65,6 @@ class Streams:
             return self
         hold = min(self.n - self.n_train, m // 8)
         return replace(self, n=m, n_train=m - hold, mask=None if self.mask is None else self.mask[:m])
-
-    def store(self, y_fp: dict, y_q: dict) -> None:
-        for o, v in y_fp.items():
-            self.fp.put(o, v)
-        for o, v in y_q.items():
-            self.q.put(o, v)
 
     def keep_only(self, names: set) -> None:
         self.fp.keep_only(names)
@@ -128,14 +123,44 @@ def region_model(graph: Graph, region: Region, outputs: list, input_dtypes: dict
     return cap_ir_version(h.make_model(g, opset_imports=list(graph.model.opset_import)))
 
 
-def ort_outputs(sess, streams: Streams, store: TensorStore, inputs: list, outputs: list, batch: int) -> dict:
-    """The region's outputs on every sample, run by ONNX Runtime in batches, joined per layout."""
-    res = {o: [] for o in outputs}
-    for s, e in streams.spans(range(streams.n), batch):
-        outs = sess.run(outputs, {i: np.asarray(x) for i, x in zip(inputs, streams.feed(store, inputs, s, e))})
+def collect(streams: Streams, dest: TensorStore, outputs: list, batches) -> dict:
+    """Write each batch's outputs into ``dest`` as they come (``batches`` yields ((start, stop), arrays)),
+    so a region's outputs are never held twice (a list of batches plus their join); return name ->
+    stored array. Tensors whose samples are not rows of axis 0 (a locked graph's units, shape
+    arithmetic) are joined per layout as before."""
+    sinks, parts = {}, {o: [] for o in outputs}
+    for (s, e), outs in batches:
         for o, v in zip(outputs, outs):
-            res[o].append(v)
-    return {o: streams.layout(o).join(v) for o, v in res.items()}
+            lay = streams.layout(o)
+            rows = (not lay.stacked and lay.axis == 0 and getattr(v, "ndim", 0) >= 1
+                    and v.shape[0] == (e - s) * lay.per_sample and v.dtype != object)
+            sink = sinks.get(o)
+            if sink is not None and (not rows or v.shape[1:] != sink.shape[1:]):
+                parts[o] = [sink[:s * lay.per_sample]]  # the shape changed: back to joining
+                sinks.pop(o)
+                dest.release(o)
+                sink = None
+            if rows and sink is None and not parts[o]:
+                sink = sinks[o] = dest.allocate(o, (streams.n * lay.per_sample,) + tuple(v.shape[1:]), v.dtype)
+            if sink is not None:
+                sink.write(s * lay.per_sample, v)
+            else:
+                parts[o].append(v)
+    for o in outputs:
+        if o not in sinks:
+            dest.put(o, streams.layout(o).join(parts[o]))
+    trim()  # the batches' buffers would stay in the heap (runtime/memory.py)
+    return {o: dest[o] for o in outputs}
+
+
+def ort_outputs(sess, streams: Streams, store: TensorStore, inputs: list, outputs: list, batch: int,
+                dest: TensorStore) -> dict:
+    """The region's outputs on every sample, run by ONNX Runtime in batches, written into ``dest``."""
+    def runs():
+        for s, e in streams.spans(range(streams.n), batch):
+            feed = {i: np.asarray(x) for i, x in zip(inputs, streams.feed(store, inputs, s, e))}
+            yield (s, e), sess.run(outputs, feed)
+    return collect(streams, dest, outputs, runs())
 
 
 def to_torch(a, device):
@@ -145,13 +170,14 @@ def to_torch(a, device):
 
 
 def stage(a: np.ndarray, device, chunk: int = 64) -> torch.Tensor:
-    """A region's calibration tensor for training: shared with numpy on the CPU; on a GPU, copied
-    once into device memory in pinned, batched host-to-device copies (then indexed on the device)."""
+    """A region's calibration tensor for training: on the CPU the array itself (numpy or stored, read
+    batch by batch, never copied whole); on a GPU, copied once into device memory in pinned, batched
+    host-to-device copies (then indexed on the device)."""
     if a.dtype == object:  # a locked graph's per-unit arrays of different shapes: indexed as they are
         return a
-    if device.type != "cuda":
-        return torch.from_numpy(np.ascontiguousarray(a))
-    out = torch.empty(a.shape, dtype=torch.from_numpy(a[:1].copy()).dtype, device=device)
+    if device.type != "cuda":  # numpy and stored arrays are indexed batch by batch as they are
+        return a
+    out = torch.empty(a.shape, dtype=torch.from_numpy(np.asarray(a[:1])).dtype, device=device)
     for s in range(0, a.shape[0], chunk):
         out[s:s + chunk].copy_(torch.from_numpy(np.ascontiguousarray(a[s:s + chunk])).pin_memory(), non_blocking=True)
     torch.cuda.synchronize(device)
@@ -159,11 +185,11 @@ def stage(a: np.ndarray, device, chunk: int = 64) -> torch.Tensor:
 
 
 @torch.no_grad()
-def torch_outputs(module, streams: Streams, store: TensorStore, inputs: list, outputs: list, batch: int, device) -> dict:
-    """The lifted region's outputs on every sample, in batches, joined per layout."""
-    res = {o: [] for o in outputs}
-    for s, e in streams.spans(range(streams.n), batch):
-        outs = module(*[to_torch(x, device) for x in streams.feed(store, inputs, s, e)])
-        for o in outputs:
-            res[o].append(outs[o].detach().cpu().numpy())
-    return {o: streams.layout(o).join(v) for o, v in res.items()}
+def torch_outputs(module, streams: Streams, store: TensorStore, inputs: list, outputs: list, batch: int, device,
+                  dest: TensorStore) -> dict:
+    """The lifted region's outputs on every sample, in batches, written into ``dest``."""
+    def runs():
+        for s, e in streams.spans(range(streams.n), batch):
+            outs = module(*[to_torch(x, device) for x in streams.feed(store, inputs, s, e)])
+            yield (s, e), [outs[o].detach().cpu().numpy() for o in outputs]
+    return collect(streams, dest, outputs, runs())
