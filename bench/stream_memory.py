@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT))
 from bench.common import fmt, imagenet_model, machine, run_quantize, save_results  # noqa: E402
 from bench.flexround_imagenet import pp_flags, preprocess_for  # noqa: E402
 from models.build import IMAGE_MODELS, IMAGENET_SAMPLE  # noqa: E402
+from onnxflex import QuantConfig  # noqa: E402
 from onnxflex.runtime.evaluate import evaluate  # noqa: E402
 
 # name -> (method, weight bits, calibration inputs, extra flags, the row whose output bytes it should equal)
@@ -63,7 +64,7 @@ def main():
         rows.append(dict(row=name, method=method, bits=f"W{wb}A8", inputs=inputs, flags=" ".join(map(str, extra)),
                          top1=ev.top1 * 100, agree=ev.agreement * 100, sqnr=summary.get("calib_output_sqnr_db"),
                          seconds=wall, peak_mb=summary.get("peak_rss_mb"), calibrate_mb=passes.get("calibrate"),
-                         same=None if same_as is None else digests.get(same_as) == digests[name],
+                         same=None if same_as not in digests else digests[same_as] == digests[name],
                          sha=digests[name][:12]))
         print(rows[-1], flush=True)
     import onnxruntime
@@ -74,7 +75,7 @@ def main():
             f"FP32 top-1 {base.top1 * 100:.2f} %. onnxruntime {onnxruntime.__version__}, {machine()} "
             f"({', '.join(flags) or 'no AVX2'}). Peak RSS = the quantize process's max RSS (MiB, from its "
             "report); 1024 inputs = 256 images + 3 random-resized-crop views each (--augment 3); default "
-            "--max-memory 4 GiB.\n\n"
+            f"--max-memory {QuantConfig().max_memory:g} GiB.\n\n"
             f"    python bench/stream_memory.py --model {args.model} --rows {args.rows}"
             f"{' --tag ' + args.tag if args.tag else ''}\n\n")
     table = ["| row | method | bits | inputs | flags | top-1 % | agree % | SQNR dB | time s | peak RSS MiB "

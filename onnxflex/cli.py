@@ -128,7 +128,7 @@ def main(verbose):
 @text_options
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--tf32", is_flag=True, help="CUDA: allow TF32 convolutions and matmuls (faster, less like a CPU run)")
-@click.option("--max-memory", type=float, default=4.0, show_default=True,
+@click.option("--max-memory", type=float, default=3.0, show_default=True,
               help="GiB of calibration activations kept in RAM; beyond it they go to files (read back exactly)")
 @click.option("--stream-precision", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
               help="how calibration activations are held between regions: float16 halves the memory, its rounding "

@@ -54,7 +54,7 @@ class QuantConfig:
     device: str = "auto"  # auto | cpu | cuda
     tf32: bool = False  # CUDA: allow TF32 convolutions/matmuls (faster; results drift further from a CPU run)
     seed: int = 0
-    max_memory: float = 4.0  # GiB of live calibration tensors held in RAM before spilling to disk
+    max_memory: float = 3.0  # GiB of live calibration tensors held in RAM before spilling to files (both streams)
     # how the reconstruction streams hold float32 tensors: float16 halves them (measured in
     # bench/stream_precision.py), float32 keeps every bit
     stream_precision: str = "float16"
