@@ -30,6 +30,13 @@ def preprocess_for(name: str):
                            interpolation=pp["interpolation"])
 
 
+def imagenet_baseline(model: str, work: str):
+    """(FP32 model path, val folder, its preprocessing, the FP32 evaluation) for an ImageNet bench."""
+    fp32, val = imagenet_model(model, work)
+    pp = preprocess_for(model)
+    return fp32, val, pp, evaluate(str(fp32), val, preprocess=pp)
+
+
 def pp_flags(name: str) -> list:
     pp = MODELS[name][1]
     flags = ["--size", str(pp["size"]), "--resize", str(pp["resize"]),
@@ -50,9 +57,8 @@ def main():
     ap.add_argument("--work", default=str(ROOT / "artifacts" / "bench"))
     ap.add_argument("--tag", default="", help="suffix for the results file")
     args = ap.parse_args()
-    fp32, val = imagenet_model(args.model, args.work)
-    work, pp = Path(args.work), preprocess_for(args.model)
-    base = evaluate(str(fp32), val, preprocess=pp)
+    fp32, val, pp, base = imagenet_baseline(args.model, args.work)
+    work = Path(args.work)
     rows = [dict(method="fp32", bits="W32A32", top1=base.top1 * 100, agree=100.0, seconds=None, peak_mb=None,
                  iters=None, sqnr=None)]
     print(f"fp32 top-1 {base.top1 * 100:.2f}", flush=True)

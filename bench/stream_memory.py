@@ -18,8 +18,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import fmt, imagenet_model, machine, run_quantize, save_results  # noqa: E402
-from bench.flexround_imagenet import pp_flags, preprocess_for  # noqa: E402
+from bench.common import fmt, machine, run_quantize, save_results  # noqa: E402
+from bench.flexround_imagenet import imagenet_baseline, pp_flags  # noqa: E402
 from models.build import IMAGE_MODELS, IMAGENET_SAMPLE  # noqa: E402
 from onnxflex import QuantConfig  # noqa: E402
 from onnxflex.runtime.evaluate import evaluate  # noqa: E402
@@ -44,9 +44,8 @@ def main():
     ap.add_argument("--work", default=str(ROOT / "artifacts" / "bench"))
     ap.add_argument("--tag", default="", help="suffix for the results file")
     args = ap.parse_args()
-    fp32, val = imagenet_model(args.model, args.work)
-    work, pp = Path(args.work), preprocess_for(args.model)
-    base = evaluate(str(fp32), val, preprocess=pp)
+    fp32, val, pp, base = imagenet_baseline(args.model, args.work)
+    work = Path(args.work)
     rows, digests = [], {}
     for name in args.rows.split(","):
         method, wb, inputs, extra, same_as = ROWS[name]
