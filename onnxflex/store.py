@@ -88,19 +88,15 @@ class StoredArray:
                 return self._read(start, max(start, stop))
             rows = np.arange(start, stop, step)
         rows = np.asarray(rows).reshape(-1)
-        if rows.size and (np.all(np.diff(rows) == 1)):
-            return self._read(int(rows[0]), int(rows[-1]) + 1)
-        return np.concatenate([self._read(int(r), int(r) + 1) for r in rows]) if rows.size else \
-            np.empty((0,) + self.shape[1:], self.dtype)
+        if not rows.size:
+            return np.empty((0,) + self.shape[1:], self.dtype)
+        runs = np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1)  # one read per run of consecutive rows
+        parts = [self._read(int(r[0]), int(r[-1]) + 1) for r in runs]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def _read(self, start: int, stop: int) -> np.ndarray:
         raw = np.empty((stop - start,) + self.shape[1:], self.storage)
-        view, offset = memoryview(raw.reshape(-1).view(np.uint8)), start * self._row
-        while len(view):  # read straight into the array (a short read only past 2 GB)
-            got = os.preadv(self._fd, [view], offset)
-            if got <= 0:
-                raise OSError(f"short read from {self.path}")
-            view, offset = view[got:], offset + got
+        _pread_into(self._fd, raw, start * self._row)
         return _cast(raw, self.dtype)
 
     # -- what producers use
@@ -112,27 +108,25 @@ class StoredArray:
         if not self.on_disk:
             _assign(self._data[start:start + len(part)], part)
             return
-        os.pwrite(self._fd, _cast(part, self.storage).tobytes(), start * self._row)
+        _pwrite_all(self._fd, _cast(part, self.storage), start * self._row)
 
     def _widen(self) -> None:
         """float16 -> float32 storage, keeping what is written."""
+        old_fd, old_row, n = self._fd, self._row, self.shape[0]
+        self.storage, self._row = np.dtype(np.float32), old_row * 2
         if not self.on_disk:
-            self._data = self._data.astype(np.float32)
-        else:
-            old_fd, old_row, n = self._fd, self._row, self.shape[0]
-            self.storage = np.dtype(np.float32)
-            self._row = old_row * 2
-            self._fd = os.open(str(self.path) + ".f32", os.O_RDWR | os.O_CREAT, 0o600)
-            os.ftruncate(self._fd, self.nbytes)
-            step = max(1, (64 << 20) // max(old_row, 1))
-            for s in range(0, n, step):
-                e = min(n, s + step)
-                block = np.frombuffer(os.pread(old_fd, (e - s) * old_row, s * old_row), np.float16)
-                os.pwrite(self._fd, _cast(block.copy(), np.float32).tobytes(), s * self._row)
-            os.close(old_fd)
-            Path(self.path).unlink(missing_ok=True)
-            self.path = Path(str(self.path) + ".f32")
-        self.storage = np.dtype(np.float32)
+            self._data = _cast(self._data, np.float32)
+            return
+        self._fd = os.open(str(self.path) + ".f32", os.O_RDWR | os.O_CREAT, 0o600)
+        os.ftruncate(self._fd, self.nbytes)
+        step = max(1, (64 << 20) // max(old_row, 1))
+        for s in range(0, n, step):
+            block = np.empty((min(n, s + step) - s,) + self.shape[1:], np.float16)
+            _pread_into(old_fd, block, s * old_row)
+            _pwrite_all(self._fd, _cast(block, np.float32), s * self._row)
+        os.close(old_fd)
+        Path(self.path).unlink(missing_ok=True)
+        self.path = Path(str(self.path) + ".f32")
 
     def close(self) -> None:
         if self._fd is not None:
@@ -144,6 +138,24 @@ class StoredArray:
     def __del__(self):
         if getattr(self, "_fd", None) is not None:
             os.close(self._fd)
+
+
+def _pread_into(fd: int, arr: np.ndarray, offset: int) -> None:
+    """Fill ``arr`` (contiguous) from the file at ``offset``, straight into its memory."""
+    view = memoryview(arr.reshape(-1).view(np.uint8))
+    while len(view):  # a short read happens only past 2 GB
+        got = os.preadv(fd, [view], offset)
+        if got <= 0:
+            raise OSError("short read from a spill file")
+        view, offset = view[got:], offset + got
+
+
+def _pwrite_all(fd: int, arr: np.ndarray, offset: int) -> None:
+    """Write ``arr`` to the file at ``offset`` from its own memory (no bytes copy)."""
+    view = memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+    while len(view):
+        got = os.pwrite(fd, view, offset)
+        view, offset = view[got:], offset + got
 
 
 def _fits_float16(a: np.ndarray) -> bool:

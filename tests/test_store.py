@@ -88,6 +88,10 @@ def test_collect_writes_batches_in_place_and_joins_other_layouts():
     out = collect(streams, streams.fp, ["y", "shape"], (((s, e), [p, shape_arith]) for (s, e), p in parts))
     np.testing.assert_array_equal(out["y"][:], full)
     np.testing.assert_array_equal(np.asarray(out["shape"]), shape_arith)
+    # a later batch whose rows are not its samples goes back to joining, keeping what was written
+    odd = [((0, 4), [full[:4]]), ((4, 9), [full[4:7]])]
+    out = collect(streams, streams.q, ["y"], iter(odd))
+    np.testing.assert_array_equal(np.asarray(out["y"]), full[:7])
     streams.close()
 
 

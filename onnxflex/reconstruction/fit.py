@@ -70,7 +70,7 @@ def train_direct(module, region, quantizers, own_acts, streams, y_fp, cfg, per_s
         feeds = [mix(to_torch(streams.layout(t).take(xq[t], idx), device), to_torch(streams.layout(t).take(xfp[t], idx), device),
                      cfg.drop_prob, gen) for t in region.inputs]
         out = module(*feeds)
-        m = None if masks is None else to_torch(masks[torch.as_tensor(idx, device=device) if torch.is_tensor(masks) else idx], device)
+        m = None if masks is None else to_torch(masks[idx], device)  # numpy on the CPU, a device tensor on a GPU
         loss = sum(data_loss(out[o], to_torch(streams.layout(o).take(ys[o], idx), device), m, per_sample) for o in float_outs)
         return loss / max(1, len(float_outs))
 

@@ -137,8 +137,8 @@ def collect(streams: Streams, dest: TensorStore, outputs: list, batches) -> dict
             sink = sinks.get(o)
             if sink is not None and (not rows or v.shape[1:] != sink.shape[1:]):
                 parts[o] = [sink[:s * lay.per_sample]]  # the shape changed: back to joining
-                sinks.pop(o)
-                dest.release(o)
+                del sinks[o]
+                dest.drop(o)
                 sink = None
             if rows and sink is None and not parts[o]:
                 sink = sinks[o] = dest.allocate(o, (streams.n * lay.per_sample,) + tuple(v.shape[1:]), v.dtype)
