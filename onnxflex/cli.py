@@ -138,13 +138,19 @@ def main(verbose):
                    "Q/DQ around every quantized op so onnxruntime's CPU int8 kernels run")
 @click.option("--report", type=click.Path(), default=None, help="report JSON path (default: beside the output)")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--no-judge", is_flag=True, hidden=True, help="ablation: keep learned weights even where RTN does better held out")
+@click.option("--no-row-guard", is_flag=True, hidden=True, help="ablation: learn weights with too few calibration rows too")
+@click.option("--element-lr-scale", type=float, default=None,
+              help="FlexRound's per-weight S2 learns at this multiple of --lr (preset: fast 1, default/paper 0.3)")
+@click.option("--checks", type=int, default=None,
+              help="held-out checks per region; the best point is kept (preset: fast 0, default 10, paper 20)")
 @click.option("-q", "--quiet", is_flag=True, help="no progress bars")
 @preprocess_options
 @user_errors
 def quantize(model, calib, output, method, weight_bits, act_bits, granularity, block_size, asymmetric, regions, preset, iters, batch_size,
              lr, act_lr, drop_prob, calib_size, augment, calib_method, first_last_bits, exclude, quantize_attention,
              tokenizer, max_length, seq_len, device, tf32, max_memory, stream_precision,
-             target, report, seed, quiet, preprocess, size, resize, mean, std):
+             target, report, seed, no_judge, no_row_guard, element_lr_scale, checks, quiet, preprocess, size, resize, mean, std):
     """Quantize MODEL with calibration data and write a QDQ ONNX model."""
     from .api import quantize as run_quantize
 
@@ -155,7 +161,8 @@ def quantize(model, calib, output, method, weight_bits, act_bits, granularity, b
                       calib_size=calib_size, augment=augment, calib_method=calib_method, first_last_bits=first_last_bits or None,
                       exclude=list(exclude), quantize_act_matmul=quantize_attention, device=device, tf32=tf32, seed=seed,
                       max_memory=max_memory, stream_precision=stream_precision, target=target,
-                      progress=not quiet)
+                      judge=not no_judge, row_guard=not no_row_guard, element_lr_scale=element_lr_scale,
+                      checks=checks, progress=not quiet)
     source = calib[0] if len(calib) == 1 else list(calib)
     result = run_quantize(model, output, source, cfg, preprocess=_preprocess(preprocess, size, resize, mean, std),
                           tokenizer=tokenizer, max_length=max_length, seq_len=seq_len, report=report)

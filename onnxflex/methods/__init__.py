@@ -25,6 +25,9 @@ class Method:
     lr: Optional[Callable[[dict], float]] = None  # preset -> learning rate, for "adam"
     learns_act_steps: bool = True  # LSQ activation steps trained alongside the weights ("adam")
     region_mode: Optional[str] = None  # the region mode `auto` resolves to, when the method needs one
+    # its training forward is the deployed weights (hard rounding), so a held-out check mid-schedule
+    # measures what would ship (early stopping); AdaRound's soft rounding is not
+    checkable: bool = True
 
     @property
     def learns(self) -> bool:

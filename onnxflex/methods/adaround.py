@@ -2,5 +2,5 @@
 from . import Method
 
 METHOD = Method("adaround", "onnxflex.quantizers.adaround:AdaRoundQuantizer", fit="adam", per_sample_loss=True,
-                lr=lambda preset: preset["adaround_lr"],
+                lr=lambda preset: preset["adaround_lr"], checkable=False,
                 summary="learned rounding offsets h(V) with beta annealing (Adam)")

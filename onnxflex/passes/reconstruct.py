@@ -231,7 +231,7 @@ class RegionRun:
                           streams.q)
             return rep
 
-        learnable = [determined(graph, ctx, w, n) for w in region.weights]
+        learnable = [not cfg.row_guard or determined(graph, ctx, w, n) for w in region.weights]
         rtn_q = self.quantizers(self.rtn, [False] * len(learnable))
         for m in self.act_quant.values():
             m.eval()
@@ -254,7 +254,7 @@ class RegionRun:
                                          self.device)
             if not math.isfinite(rep.learned_mse):
                 rep.status = "kept rtn: loss not finite"
-            elif rep.learned_mse > rep.rtn_mse:
+            elif cfg.judge and rep.learned_mse > rep.rtn_mse:
                 rep.status = "kept rtn: loss above rtn"
             else:
                 rep.final_mse, chosen, rep.status = rep.learned_mse, learned, "learned"
@@ -303,6 +303,13 @@ class RegionRun:
         rng = np.random.default_rng(seed)
         gen = torch.Generator(device=device).manual_seed(seed)
         desc = f"  {region.name}"
+        holdout = None
+        if method.checkable and cfg.checks > 0 and streams.n_train < streams.n:
+            module = self.build(learned)
+
+            def holdout():
+                with torch.no_grad():
+                    return region_mse(module, streams, streams.q, region.inputs, y_fp, held, self.batch, device)
         try:
             if gram_applicable(graph, region):
                 spec = region.weights[0]
@@ -327,11 +334,11 @@ class RegionRun:
                     rep.loss_form = "closed-form" + ("" if best else " (classic)")
                 else:
                     rep.loss_form = "gram"
-                    train_gram(graph, spec, learned[0], stats, cfg, method.per_sample_loss, desc, device)
+                    train_gram(graph, spec, learned[0], stats, cfg, method.per_sample_loss, desc, device, holdout)
             else:
                 rep.loss_form = "direct"
                 train_direct(self.build(learned), region, learned, list(self.own_acts.values()), streams, y_fp, cfg,
-                             method.per_sample_loss, rng, gen, device, desc)
+                             method.per_sample_loss, rng, gen, device, desc, holdout)
         except FloatingPointError:
             pass
         for q in learned:

@@ -48,6 +48,9 @@ class FlexRoundQuantizer(WeightQuantizer):
         else:
             self.log_s4 = None
 
+    def element_parameters(self) -> list:
+        return [self.log_S2]
+
     def scale_broadcast(self) -> Tensor:
         return self.expand_blocks(self.scale_sign * torch.exp(self.log_s1))
 

@@ -210,6 +210,10 @@ class WeightQuantizer(nn.Module):
     fixed at init), so the methods run unchanged and ``integers() + zero point`` is what is stored.
     """
 
+    def element_parameters(self) -> list:
+        """The per-weight learned parameters (FlexRound's S2), which may take their own learning rate."""
+        return []
+
     def __init__(self, weight: Tensor, bits: int, out_axis: Optional[int], in_axis: Optional[int],
                  per_channel: bool = True, scale_method: str = "lp", init_scale: Optional[Tensor] = None,
                  block_size: int = 0, grid: str = "narrow"):

@@ -27,14 +27,27 @@ def mix(q, f, p, gen):
     return torch.where(drop, f, q)
 
 
-def fit(quantizers, act_params, batch_loss, iters: int, lr: float, act_lr: float, desc: str, progress: bool):
+def fit(quantizers, act_params, batch_loss, iters: int, lr: float, act_lr: float, desc: str, progress: bool,
+        element_lr: float | None = None, holdout=None, checks: int = 0):
     """The one reconstruction loop: Adam with cosine decay on ``batch_loss(it)`` plus the
-    quantizers' regularisers, with a progress bar and a guard against non-finite losses."""
-    groups = [{"params": [p for q in quantizers for p in q.parameters()], "lr": lr}]
+    quantizers' regularisers, with a progress bar and a guard against non-finite losses.
+
+    ``element_lr``: learning rate of the per-weight parameters (FlexRound's S2), ``lr`` if None.
+    ``holdout``: the region's error on held-out samples; measured ``checks`` times along the schedule,
+    and the parameters with the lowest one are kept (early stopping: more iterations cannot end worse
+    on held-out data than the best point seen)."""
+    element = [p for q in quantizers for p in q.element_parameters()]
+    ids = {id(p) for p in element}
+    groups = [{"params": [p for q in quantizers for p in q.parameters() if id(p) not in ids], "lr": lr}]
+    if element:
+        groups.append({"params": element, "lr": lr if element_lr is None else element_lr})
     if act_params:
         groups.append({"params": act_params, "lr": act_lr})
-    opt = torch.optim.Adam(groups)
+    opt = torch.optim.Adam([g for g in groups if g["params"]])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iters, eta_min=0.0)
+    params = [p for g in groups for p in g["params"]]
+    at = set() if holdout is None or checks <= 0 else {iters * (k + 1) // checks - 1 for k in range(checks)}
+    best = (holdout(), [p.detach().clone() for p in params]) if at else None
     bar = progress_bar(total=iters, desc=desc, leave=False, enable=progress)
     try:
         for it in range(iters):
@@ -50,11 +63,20 @@ def fit(quantizers, act_params, batch_loss, iters: int, lr: float, act_lr: float
             if it % 25 == 0 or it == iters - 1:
                 bar.set_postfix_str(f"loss {loss.item():.3g}")
             bar.update(1)
+            if it in at:
+                err = holdout()
+                if err < best[0]:
+                    best = (err, [p.detach().clone() for p in params])
     finally:
         bar.close()
+    if best is not None:
+        with torch.no_grad():
+            for p, v in zip(params, best[1]):
+                p.copy_(v)
 
 
-def train_direct(module, region, quantizers, own_acts, streams, y_fp, cfg, per_sample, rng, gen, device, desc):
+def train_direct(module, region, quantizers, own_acts, streams, y_fp, cfg, per_sample, rng, gen, device, desc,
+                 holdout=None):
     """Block regions: real forward/backward passes of the lifted region on random mini-batches."""
     n, bs = streams.n_train, min(cfg.batch_size, streams.n_train)
     for m in own_acts:
@@ -75,7 +97,7 @@ def train_direct(module, region, quantizers, own_acts, streams, y_fp, cfg, per_s
         return loss / max(1, len(float_outs))
 
     fit(quantizers, [p for m in own_acts for p in m.parameters()], batch_loss, cfg.iters, cfg.lr, cfg.act_lr,
-        desc, cfg.progress)
+        desc, cfg.progress, cfg.lr * cfg.element_lr_scale, holdout, cfg.checks)
 
 
 # ----------------------------------------------------------------------------- Gram form
@@ -149,7 +171,8 @@ def gram_stats(graph: Graph, spec: WeightSpec, act, streams, y_lin: np.ndarray, 
     return stats
 
 
-def train_gram(graph: Graph, spec: WeightSpec, quantizer, stats: list, cfg, per_sample: bool, desc: str, device):
+def train_gram(graph: Graph, spec: WeightSpec, quantizer, stats: list, cfg, per_sample: bool, desc: str, device,
+               holdout=None):
     """One-op regions: Adam on the exact quadratic form of the linear-output MSE, per cached mini-batch."""
     w = torch.from_numpy(graph.array(spec.weight).astype(np.float32)).to(device)
     data = gram_mod.gram_sample_loss if per_sample else gram_mod.gram_mse
@@ -157,4 +180,5 @@ def train_gram(graph: Graph, spec: WeightSpec, quantizer, stats: list, cfg, per_
     def batch_loss(it):
         return data(stats[it % len(stats)], gram_mod.out_by_in(quantizer() - w, spec.out_axis))
 
-    fit([quantizer], [], batch_loss, cfg.iters, cfg.lr, cfg.act_lr, desc, cfg.progress)
+    fit([quantizer], [], batch_loss, cfg.iters, cfg.lr, cfg.act_lr, desc, cfg.progress, cfg.lr * cfg.element_lr_scale,
+        holdout, cfg.checks)
