@@ -58,6 +58,7 @@ ROWS = {
     "w3a8": (["--weight-bits", "3"], "FlexRound W3A8"),
     "rtn-w3a8": (["--method", "rtn", "--weight-bits", "3"], "RTN W3A8"),
     "adaround-w3a8": (["--method", "adaround", "--weight-bits", "3"], "AdaRound W3A8 (200 iterations)"),
+    "w3a8-default": (["--weight-bits", "3", "--preset", "default"], "FlexRound W3A8, default preset"),
     "w2a8": (["--weight-bits", "2"], "FlexRound W2A8"),
     "paper-preset": (["--preset", "paper"], "the paper preset (20000 iterations, S2 at 0.3x, 20 checks)"),
     "rtn": (["--method", "rtn"], "round-to-nearest"),

@@ -186,3 +186,15 @@ def test_gptq_solves_each_one_op_region_in_closed_form_and_beats_rtn(tiny_cnn, t
     assert any(r.status == "learned" and r.learned_mse < r.rtn_mse for r in solved)
     assert res.summary["calib_output_sqnr_db"] > rtn.summary["calib_output_sqnr_db"]
     assert res.summary["rule_violations"] == 0
+
+
+def test_ablation_switches_judge_and_row_guard(tiny_cnn, tiny_calib, tmp_path):
+    """8 images cannot pin down the FC (the row guard keeps it RTN) and the judge keeps RTN where the
+    learned weights lose held out; --no-row-guard --no-judge learns and keeps every region."""
+    few = [{"input": tiny_calib[:8]}]
+    guarded = quantize(str(tiny_cnn), tmp_path / "g.onnx", few, _cfg(method="flexround", iters=20, calib_size=8))
+    status = [r.status for r in guarded.regions]
+    assert "rtn: too few calibration rows to learn" in status and "kept rtn: loss above rtn" in status, status
+    free = quantize(str(tiny_cnn), tmp_path / "f.onnx", few,
+                    _cfg(method="flexround", iters=20, calib_size=8, row_guard=False, judge=False))
+    assert [r.status for r in free.regions] == ["learned"] * len(free.regions)
