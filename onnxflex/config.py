@@ -59,11 +59,11 @@ class QuantConfig:
     # ablation switches (bench/ablation_cnn.py): keep a region's RTN weights when its learned weights do
     # worse on the held-out calibration samples; learn only weights with enough calibration rows
     judge: bool = True
+    row_guard: bool = True
     # learning rate of FlexRound's per-weight S2 as a multiple of --lr; held-out checks per region
     # (early stopping: the parameters with the lowest held-out error along the schedule are kept)
     element_lr_scale: Optional[float] = None
     checks: Optional[int] = None
-    row_guard: bool = True
     device: str = "auto"  # auto | cpu | cuda
     tf32: bool = False  # CUDA: allow TF32 convolutions/matmuls (faster; results drift further from a CPU run)
     seed: int = 0
