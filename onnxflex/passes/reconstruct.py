@@ -304,8 +304,8 @@ class RegionRun:
         gen = torch.Generator(device=device).manual_seed(seed)
         desc = f"  {region.name}"
         holdout = None
+        module = self.build(learned)  # trained by real passes (blocks); measured held out by the checks
         if method.checkable and cfg.checks > 0 and streams.n_train < streams.n:
-            module = self.build(learned)
 
             def holdout():
                 with torch.no_grad():
@@ -337,7 +337,7 @@ class RegionRun:
                     train_gram(graph, spec, learned[0], stats, cfg, method.per_sample_loss, desc, device, holdout)
             else:
                 rep.loss_form = "direct"
-                train_direct(self.build(learned), region, learned, list(self.own_acts.values()), streams, y_fp, cfg,
+                train_direct(module, region, learned, list(self.own_acts.values()), streams, y_fp, cfg,
                              method.per_sample_loss, rng, gen, device, desc, holdout)
         except FloatingPointError:
             pass
