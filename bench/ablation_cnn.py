@@ -34,6 +34,8 @@ ROWS = {
     "range-mse": (["--calib-method", "mse"], "activation ranges by MSE instead of percentile"),
     "range-minmax": (["--calib-method", "minmax"], "activation ranges by min/max"),
     "judge-off": (["--no-judge"], "learned weights kept even where RTN is better held out"),
+    "gptq-cand-off": (["--no-gptq-candidate"], "the judge weighs RTN and FlexRound only (not GPTQ)"),
+    "gptq": (["--method", "gptq"], "GPTQ alone (closed form, no FlexRound)"),
     "guard-off": (["--no-row-guard"], "learn weights with too few calibration rows too"),
     "layer": (["--regions", "layer"], "one weighted op per region"),
     "block": (["--regions", "block"], "blocks (residual blocks) as regions"),
@@ -125,7 +127,9 @@ def table(args) -> None:
                          jobs=wall.get("jobs", 1), peak_mb=s["peak_rss_mb"], gpu_mb=s.get("gpu_peak_mb"),
                          device=s["device"], regions=s["region_mode"], iters=s["iters"],
                          kept_rtn=sum(1 for r in json.loads(report.read_text())["regions"]
-                                      if str(r.get("status", "")).startswith(("kept rtn", "rtn:")))))
+                                      if str(r.get("status", "")).startswith(("kept rtn", "rtn:"))),
+                         kept_gptq=sum(1 for r in json.loads(report.read_text())["regions"]
+                                       if str(r.get("status", "")).startswith("kept gptq"))))
         print(f"{row}: top-1 {ev.top1 * 100:.2f} agree {ev.agreement * 100:.1f}", flush=True)
     ref = next((r["top1"] for r in rows if r["row"] == "base"), None)
     cmds = runs / "command.txt"
@@ -137,16 +141,17 @@ def table(args) -> None:
             f"optimisations off (Q/DQ as written)\n"
             f"- time: wall seconds of the row's own process, with `jobs` rows running at once on that machine\n"
             f"- Δ base: top-1 minus the `base` row; kept-RTN: regions whose learned weights lost to RTN held out, "
-            f"or had too few rows to learn\n"
+            f"or had too few rows to learn; kept-GPTQ: regions where GPTQ's rounding won held out\n"
             f"- made by: {made_by}\n"
             f"- table: `python bench/ablation_cnn.py {' '.join(sys.argv[1:])}`\n\n")
     lines = ["| row | change | what it asks | regions | iters | top-1 % | Δ FP32 | Δ base | agree % | out SQNR dB | "
-             "kept-RTN | time s (jobs) | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "kept-RTN | kept-GPTQ | time s (jobs) | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['row']} | `{r['change']}` | {r['why']} | {r['regions']} | {r['iters']} | {r['top1']:.2f} | "
                      f"{r['top1'] - base.top1 * 100:+.2f} | {fmt(None if ref is None else r['top1'] - ref, '+.2f')} | "
-                     f"{r['agree']:.1f} | {fmt(r['sqnr'], '.2f')} | {r['kept_rtn']} | {r['seconds']:.0f} ({r['jobs']}) | "
+                     f"{r['agree']:.1f} | {fmt(r['sqnr'], '.2f')} | {r['kept_rtn']} | {r.get('kept_gptq', 0)} | "
+                     f"{r['seconds']:.0f} ({r['jobs']}) | "
                      f"{r['peak_mb']:.0f} |")
     save_results(f"ablation_cnn_{args.model}{'_' + args.tag if args.tag else ''}", head, lines, args, rows)
 

@@ -60,6 +60,9 @@ class QuantConfig:
     # worse on the held-out calibration samples; learn only weights with enough calibration rows
     judge: bool = True
     row_guard: bool = True
+    # the judge also weighs GPTQ's closed-form rounding of each one-op region (same Gram statistics, same
+    # grid) and keeps whichever of RTN, GPTQ and the learned rounding does best held out
+    gptq_candidate: bool = True
     # learning rate of FlexRound's per-weight S2 as a multiple of --lr; held-out checks per region
     # (early stopping: the parameters with the lowest held-out error along the schedule are kept)
     element_lr_scale: Optional[float] = None
@@ -95,8 +98,6 @@ class QuantConfig:
                                 "from 16 (32, 64, 128 are usual)")
         if self.block_size and self.granularity != "channel":
             raise OnnxflexError("--block-size needs --granularity channel (blocks split each output channel)")
-        if self.block_size and self.method == "gptq":
-            raise OnnxflexError("--method gptq keeps one scale per output channel; use --block-size 0, or rtn/adaround/flexround")
         if self.stream_precision not in STREAM_PRECISIONS:
             raise OnnxflexError(f"unknown stream precision {self.stream_precision!r}; choose one of "
                                 f"{', '.join(STREAM_PRECISIONS)}")
@@ -109,8 +110,6 @@ class QuantConfig:
         if self.asymmetric and not get_target(self.target).weight_zero_points:
             raise OnnxflexError(f"--asymmetric weights need zero points, which {self.target} does not take; "
                                 "use --target ort-cpu, or drop --asymmetric")
-        if self.asymmetric and self.method == "gptq":
-            raise OnnxflexError("--method gptq is symmetric here; drop --asymmetric, or use rtn/adaround/flexround")
         cfg = dataclasses.replace(self)
         p = PRESETS[self.preset]
         if cfg.iters is None:

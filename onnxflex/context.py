@@ -86,6 +86,7 @@ class RegionReport:
     rtn_mse: Optional[float] = None
     final_mse: Optional[float] = None  # of what is deployed (RTN when learning did not help)
     learned_mse: Optional[float] = None
+    gptq_mse: Optional[float] = None  # GPTQ's rounding, the judge's third candidate (one-op regions)
     iters: int = 0
     seconds: float = 0.0
     status: str = ""

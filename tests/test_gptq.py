@@ -189,3 +189,22 @@ def test_matmul_layout_and_merged_stats():
     assert torch.equal(q.integers(), ref.t())
     with pytest.raises(ValueError):
         GPTQQuantizer(w, 4, 1, 0).solve(st)  # wrong layout for these stats
+
+
+@pytest.mark.parametrize("grid", ["signed", "asymmetric"])
+def test_blockwise_gptq_keeps_each_blocks_grid_and_beats_rtn(grid):
+    """Static groups: the block scales (and zero points) are RTN's, fixed before the sweep; GPTQ only
+    picks integers inside each block's [qmin, qmax]. Identity H gives RTN's integers exactly."""
+    x, w, b, y = _linear_case(K=96, N=16)
+    wt = w.T.contiguous()  # MatMul layout [K, N]: out axis 1, in axis 0
+    st = linear_gram(x, w, b, y)
+    rtn = RTNQuantizer(wt, 4, 1, 0, block_size=32, grid=grid)
+    q = GPTQQuantizer(wt, 4, 1, 0, block_size=32, grid=grid).solve(st)
+    assert torch.equal(q.scale(), rtn.scale()) and torch.equal(q.zero_point(), rtn.zero_point())
+    ints = q.integers()
+    assert bool((ints >= q.qmin).all()) and bool((ints <= q.qmax).all())
+    assert torch.equal(q(), q.deployed_weight())
+    assert gram_mse(st, (q() - wt).T).item() < 0.8 * gram_mse(st, (rtn() - wt).T).item()
+    eye = GramStats(torch.eye(96).unsqueeze(0), torch.zeros(16, 96), torch.zeros(()), 16 * 96)
+    assert torch.equal(GPTQQuantizer(wt, 4, 1, 0, block_size=32, grid=grid).solve(eye, correct_inputs=False).integers(),
+                       rtn.integers())

@@ -192,9 +192,25 @@ def test_ablation_switches_judge_and_row_guard(tiny_cnn, tiny_calib, tmp_path):
     """8 images cannot pin down the FC (the row guard keeps it RTN) and the judge keeps RTN where the
     learned weights lose held out; --no-row-guard --no-judge learns and keeps every region."""
     few = [{"input": tiny_calib[:8]}]
-    guarded = quantize(str(tiny_cnn), tmp_path / "g.onnx", few, _cfg(method="flexround", iters=20, calib_size=8))
+    guarded = quantize(str(tiny_cnn), tmp_path / "g.onnx", few,
+                       _cfg(method="flexround", iters=20, calib_size=8, gptq_candidate=False))
     status = [r.status for r in guarded.regions]
     assert "rtn: too few calibration rows to learn" in status and "kept rtn: loss above rtn" in status, status
     free = quantize(str(tiny_cnn), tmp_path / "f.onnx", few,
                     _cfg(method="flexround", iters=20, calib_size=8, row_guard=False, judge=False))
     assert [r.status for r in free.regions] == ["learned"] * len(free.regions)
+
+
+def test_judge_weighs_gptq_for_one_op_regions(tiny_cnn, tiny_calib, tmp_path):
+    """Each one-op region gets GPTQ's rounding as a third candidate: its held-out error is reported and
+    the deployed error is the lowest of the three; --no-gptq-candidate leaves it out."""
+    calib = [{"input": tiny_calib}]
+    res = quantize(str(tiny_cnn), tmp_path / "c.onnx", calib, _cfg(method="flexround", weight_bits=4, iters=20))
+    gram = [r for r in res.regions if r.loss_form == "gram" and r.learned_mse is not None]
+    assert gram and all(r.gptq_mse is not None for r in gram)
+    for r in gram:
+        assert r.final_mse == min(r.rtn_mse, r.learned_mse, r.gptq_mse), r
+        assert (r.status == "kept gptq: loss below learned") == (r.final_mse == r.gptq_mse < min(r.rtn_mse, r.learned_mse))
+    off = quantize(str(tiny_cnn), tmp_path / "o.onnx", calib,
+                   _cfg(method="flexround", weight_bits=4, iters=20, gptq_candidate=False))
+    assert all(r.gptq_mse is None and not r.status.startswith("kept gptq") for r in off.regions)

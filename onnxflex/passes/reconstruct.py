@@ -249,16 +249,21 @@ class RegionRun:
         elif active and method.fit == "solve" and not gram_applicable(graph, region):
             rep.status = f"rtn: {method.name} needs a one-op region"
         elif active:
-            learned = self.fit(method, learnable, y_fp, y_fp_all, rep, held)
+            learned, gptq = self.fit(method, learnable, y_fp, y_fp_all, rep, held)
             rep.learned_mse = region_mse(self.build(learned), streams, streams.q, region.inputs, y_fp, held, self.batch,
                                          self.device)
+            if gptq is not None:
+                rep.gptq_mse = region_mse(self.build(gptq), streams, streams.q, region.inputs, y_fp, held, self.batch,
+                                          self.device)
             if not math.isfinite(rep.learned_mse):
                 rep.status = "kept rtn: loss not finite"
             elif cfg.judge and rep.learned_mse > rep.rtn_mse:
                 rep.status = "kept rtn: loss above rtn"
             else:
                 rep.final_mse, chosen, rep.status = rep.learned_mse, learned, "learned"
-            if rep.status.startswith("kept"):
+            if cfg.judge and gptq is not None and rep.gptq_mse < rep.final_mse:
+                rep.final_mse, chosen, rep.status = rep.gptq_mse, gptq, "kept gptq: loss below learned"
+            if rep.status.startswith("kept rtn"):
                 log.warning("region %s: %s", region.name, rep.status)
         torch_outputs(self.build(chosen), streams, streams.q, region.inputs, region.outputs, self.batch, self.device,
                       streams.q)
@@ -295,10 +300,12 @@ class RegionRun:
                 return f"lifted region differs from onnxruntime on {o!r}"
         return None
 
-    def fit(self, method, learnable, y_fp, y_fp_all, rep, held) -> list:
-        """The method's fit: Adam on the Gram form or on real passes, or a closed-form solve."""
+    def fit(self, method, learnable, y_fp, y_fp_all, rep, held) -> tuple:
+        """The method's fit: Adam on the Gram form or on real passes, or a closed-form solve.
+        Returns (the learned quantizers, GPTQ's for the judge to weigh or None)."""
         graph, region, streams, cfg, device = self.graph, self.region, self.streams, self.cfg, self.device
         learned = self.quantizers(method, learnable)
+        gptq = None
         seed = cfg.seed + 7919 * region.index
         rng = np.random.default_rng(seed)
         gen = torch.Generator(device=device).manual_seed(seed)
@@ -335,6 +342,8 @@ class RegionRun:
                 else:
                     rep.loss_form = "gram"
                     train_gram(graph, spec, learned[0], stats, cfg, method.per_sample_loss, desc, device, holdout)
+                    if cfg.gptq_candidate and learnable[0]:
+                        gptq = self.gptq_candidate(spec, act, stats, drop, y_fp_all, learnable, rng, gen)
             else:
                 rep.loss_form = "direct"
                 train_direct(module, region, learned, list(self.own_acts.values()), streams, y_fp, cfg,
@@ -346,4 +355,20 @@ class RegionRun:
         for m in self.act_quant.values():
             m.eval()
         rep.iters = cfg.iters
-        return learned
+        return learned, gptq
+
+    def gptq_candidate(self, spec, act, stats, drop, y_fp_all, learnable, rng, gen) -> list:
+        """GPTQ's integers for a one-op region on the learned method's grid, from the same Gram
+        statistics (recomputed without QDrop's FP mixing when training used it: GPTQ fits the deployed
+        input). Layer-wise, GPTQ's error feedback beats learned rounding on many decoder linears (see
+        README, "Decoders"), so the judge weighs both."""
+        if drop > 0:
+            stats = gram_stats(self.graph, spec, act, self.streams, y_fp_all[self.graph.node_by_name[spec.node].output[0]],
+                               min(self.cfg.batch_size, self.streams.n_train), 0.0, rng, gen, self.device)
+        gptq = self.quantizers(get_method("gptq"), learnable)
+        try:
+            gptq[0].solve(sum(stats[1:], stats[0]), correct_inputs=True)
+        except (ValueError, RuntimeError) as e:  # no output axis, or a Hessian beyond damping: no candidate
+            log.info("region %s: no GPTQ candidate (%s)", self.region.name, e)
+            return None
+        return gptq

@@ -56,14 +56,21 @@ def _damped_factor(H: Tensor, damp: float, tries: int = 6) -> Tuple[Tensor, Tens
     raise RuntimeError(f"GPTQ: Hessian not positive definite even with damp={d / 10:g}")
 
 
-def _quantize_columns(W: Tensor, U: Tensor, s: Tensor, qmin: int, qmax: int, block: int) -> Tensor:
-    """The GPTQ sweep: W [g, og, K] (modified in place), U [g, K, K] upper Cholesky of H⁻¹, s [g, og, 1].
+def _column(v, i: int):
+    """Column i of a per-element [g, og, K] bound or scale; an int or a [g, og, 1] tensor as it is."""
+    if not isinstance(v, Tensor):
+        return v
+    return v[:, :, i] if v.shape[2] > 1 else v[:, :, 0]
+
+
+def _quantize_columns(W: Tensor, U: Tensor, s: Tensor, qmin, qmax, block: int) -> Tensor:
+    """The GPTQ sweep: W [g, og, K] (modified in place), U [g, K, K] upper Cholesky of H⁻¹, s [g, og, 1]
+    (a scale per row) or [g, og, K] (per element: block-wise scales); qmin/qmax ints or [g, og, K].
 
     Returns the integers (as W's float dtype). Within a block the error is applied column by column;
     the rest of the matrix gets the block's accumulated error in one matmul (the "lazy batch").
     """
     g, og, K = W.shape
-    s = s.reshape(g, og)
     Q = torch.empty_like(W)
     for i1 in range(0, K, block):
         i2 = min(i1 + block, K)
@@ -72,9 +79,10 @@ def _quantize_columns(W: Tensor, U: Tensor, s: Tensor, qmin: int, qmax: int, blo
         U1 = U[:, i1:i2, i1:i2]
         for i in range(i2 - i1):
             w = W1[:, :, i]
-            q = torch.clamp(torch.round(w / s), qmin, qmax)
+            si = _column(s, i1 + i)
+            q = torch.clamp(torch.round(w / si), _column(qmin, i1 + i), _column(qmax, i1 + i))
             Q[:, :, i1 + i] = q
-            e = (w - q * s) / U1[:, i, i].unsqueeze(1)  # [g, og]
+            e = (w - q * si) / U1[:, i, i].unsqueeze(1)  # [g, og]
             W1[:, :, i:] -= e.unsqueeze(2) * U1[:, i:i + 1, i:]
             E1[:, :, i] = e
         if i2 < K:
@@ -83,9 +91,11 @@ def _quantize_columns(W: Tensor, U: Tensor, s: Tensor, qmin: int, qmax: int, blo
 
 
 @torch.no_grad()
-def gptq_integers(w2d: Tensor, H: Tensor, scale: Tensor, qmin: int, qmax: int, damp: float = 0.01,
+def gptq_integers(w2d: Tensor, H: Tensor, scale: Tensor, qmin, qmax, damp: float = 0.01,
                   block: int = 128, act_order: bool = True, correction: Optional[Tensor] = None) -> Tensor:
-    """GPTQ integers of ``w2d`` [Cout, K] on the fixed grid ``scale`` ([Cout] or scalar), zero point 0.
+    """GPTQ integers of ``w2d`` [Cout, K] on the fixed grid ``scale`` ([Cout], scalar, or [Cout, K] for
+    block-wise scales), centred: ``qmin``/``qmax`` are ints or [Cout, K] tensors (an asymmetric grid's
+    [-z, 2^b - 1 - z]), as the quantizers hold them.
 
     H: [K, K], or GramStats.G's [g, K, K] for grouped / depthwise convs, where output channels
     j*Cout/g .. (j+1)*Cout/g - 1 see H[j] (each group is an independent, exact GPTQ problem; they
@@ -107,12 +117,17 @@ def gptq_integers(w2d: Tensor, H: Tensor, scale: Tensor, qmin: int, qmax: int, d
     dev = w2d.device
     wdt = torch.promote_types(w2d.dtype, torch.float32)
     W = w2d.detach().to(wdt).reshape(g, og, K).clone()
-    s = scale.detach().to(device=dev, dtype=wdt).reshape(-1)
-    if s.numel() == 1:
-        s = s.expand(cout)
-    if s.numel() != cout:
-        raise ValueError(f"scale has {s.numel()} entries for {cout} output channels")
-    s = s.reshape(g, og, 1)
+    s = scale.detach().to(device=dev, dtype=wdt)
+    if s.numel() == cout * K and s.ndim == 2:
+        s = s.reshape(g, og, K)
+    else:
+        s = s.reshape(-1)
+        if s.numel() == 1:
+            s = s.expand(cout)
+        if s.numel() != cout:
+            raise ValueError(f"scale has {s.numel()} entries for {cout} output channels")
+        s = s.reshape(g, og, 1)
+    bounds = [b.detach().to(device=dev, dtype=wdt).reshape(g, og, K) if isinstance(b, Tensor) else b for b in (qmin, qmax)]
 
     Hd, L = _damped_factor(Hb.detach().to(device=dev, dtype=torch.float64), damp)
     if correction is not None:
@@ -124,30 +139,32 @@ def gptq_integers(w2d: Tensor, H: Tensor, scale: Tensor, qmin: int, qmax: int, d
     Hinv = torch.cholesky_inverse(L)
     if act_order:
         perm = torch.argsort(Hd.diagonal(dim1=1, dim2=2), dim=1, descending=True, stable=True)  # [g, K]
-        W = W.gather(2, perm.unsqueeze(1).expand(g, og, K))
+        idx = perm.unsqueeze(1).expand(g, og, K)
+        W = W.gather(2, idx)
+        s = s.gather(2, idx) if s.shape[2] > 1 else s
+        bounds = [b.gather(2, idx) if isinstance(b, Tensor) else b for b in bounds]
         bi = torch.arange(g, device=dev)[:, None, None]
         Hinv = Hinv[bi, perm[:, :, None], perm[:, None, :]]  # (P H Pᵀ)⁻¹ = P H⁻¹ Pᵀ
     U = torch.linalg.cholesky(Hinv, upper=True).to(wdt)
-    Q = _quantize_columns(W, U, s, qmin, qmax, max(1, int(block)))
+    Q = _quantize_columns(W, U, s, bounds[0], bounds[1], max(1, int(block)))
     if act_order:
         Q = Q.gather(2, torch.argsort(perm, dim=1).unsqueeze(1).expand(g, og, K))
     return Q.reshape(cout, K).to(torch.int32)
 
 
 class GPTQQuantizer(WeightQuantizer):
-    """Fixed RTN scale, integers from GPTQ once ``solve(stats)`` has seen the layer's Gram statistics.
+    """Fixed RTN scale (per channel, or per block: static groups), integers from GPTQ once
+    ``solve(stats)`` has seen the layer's Gram statistics.
 
     Starts as RTN (q = clamp(round(W / s))). No learnable parameters: the reconstruct pass calls
-    ``solve`` instead of training. ``forward() == s * q`` in the weight's own layout.
+    ``solve`` instead of training. ``forward() == s * q`` in the weight's own layout. Block-wise, the
+    scales are fixed from the FP weights before the sweep (GPTQ's "static groups"), so they are the
+    ones RTN and FlexRound start from; on the asymmetric grid the zero points are fixed the same way.
     """
 
     def __init__(self, weight, bits, out_axis, in_axis, per_channel=True, scale_method="lp", init_scale=None,
                  block_size=0, grid="narrow"):
-        if block_size:
-            raise ValueError("GPTQ here keeps one scale per output channel; use block_size 0")
-        if grid == "asymmetric":
-            raise ValueError("GPTQ here is symmetric; use a symmetric grid")
-        super().__init__(weight, bits, out_axis, in_axis, per_channel, scale_method, init_scale, grid=grid)
+        super().__init__(weight, bits, out_axis, in_axis, per_channel, scale_method, init_scale, block_size, grid)
         self.register_buffer("s", self.s_init())
         self.register_buffer("q", torch.clamp(torch.round(self.weight / self.s), self.qmin, self.qmax))
 
@@ -193,7 +210,8 @@ class GPTQQuantizer(WeightQuantizer):
                              f"this one is {tuple(w2d.shape)} as [Cout, K]")
         dev = self.weight.device
         corr = stats.C.to(dev) if correct_inputs else None
-        q2d = gptq_integers(w2d, stats.G.to(dev), self.s.reshape(-1), self.qmin, self.qmax, damp, block,
-                            act_order, corr)
+        s = self.out_by_in(self.s.expand_as(self.weight)) if self.block_size else self.s.reshape(-1)
+        bounds = [self.out_by_in(b) if isinstance(b, Tensor) else b for b in (self.qmin, self.qmax)]
+        q2d = gptq_integers(w2d, stats.G.to(dev), s, bounds[0], bounds[1], damp, block, act_order, corr)
         self.q.copy_(self.from_out_by_in(q2d.to(self.q.dtype)))
         return self
