@@ -5,6 +5,8 @@ loaded and ran in ONNX Runtime and passed the target's rule check.
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import dataclasses
 import logging
 import time
@@ -105,6 +107,15 @@ def quantize(model, output, calibration, config: Optional[QuantConfig] = None, *
     return result
 
 
+def _outcome(status: str) -> str:
+    """What a region deploys, from its report status: learned | gptq | rtn | fp32."""
+    if status.startswith("kept gptq"):
+        return "gptq"
+    if status.startswith(("kept rtn", "rtn")):
+        return "rtn"
+    return status.split(":")[0] or "none"
+
+
 def _run_summary(ctx: Context, seconds: float) -> dict:
     """The validate and check passes' measurements plus what this run was (for reports and benchmarks)."""
     cfg = ctx.config
@@ -119,6 +130,9 @@ def _run_summary(ctx: Context, seconds: float) -> dict:
         target=cfg.target, region_mode=cfg.regions if cfg.regions != "auto" else f"auto:{ctx.region_mode}",
         pass_seconds=dict(ctx.pass_seconds), pass_peak_rss_mb=dict(ctx.pass_peak_rss_mb),
     )
+    outcomes = Counter(_outcome(r.status) for r in ctx.region_reports or [])
+    if outcomes:
+        summary["region_outcomes"] = dict(sorted(outcomes.items()))
     if ctx.notes:
         summary["notes"] = list(ctx.notes)
     if ctx.batching is not None and ctx.batching.locked_unit:

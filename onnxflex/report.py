@@ -21,7 +21,7 @@ def format_region_table(regions, summary: dict) -> str:
                      f"{'-' if ratio is None else f'{ratio:.2f}':>6} {r.seconds:6.1f}  {r.status}")
     keys = ["method", "preset", "iters", "weight_bits", "act_bits", "granularity", "region_mode", "device",
             "calibration_samples", "regions", "weights_quantized", "act_points", "calib_output_sqnr_db",
-            "torch_vs_ort_sqnr_db", "rule_violations", "seconds", "peak_rss_mb"]
+            "torch_vs_ort_sqnr_db", "rule_violations", "seconds", "peak_rss_mb", "region_outcomes"]
     lines.append("")
     lines.append("  ".join(f"{k}={summary[k]}" for k in keys if k in summary))
     lines += [f"note: {n}" for n in summary.get("notes", [])]

@@ -211,6 +211,9 @@ def test_judge_weighs_gptq_for_one_op_regions(tiny_cnn, tiny_calib, tmp_path):
     for r in gram:
         assert r.final_mse == min(r.rtn_mse, r.learned_mse, r.gptq_mse), r
         assert (r.status == "kept gptq: loss below learned") == (r.final_mse == r.gptq_mse < min(r.rtn_mse, r.learned_mse))
+    kept = sum(r.status.startswith("kept gptq") for r in res.regions)
+    assert res.summary["region_outcomes"].get("gptq", 0) == kept
+    assert sum(res.summary["region_outcomes"].values()) == len(res.regions)
     off = quantize(str(tiny_cnn), tmp_path / "o.onnx", calib,
                    _cfg(method="flexround", weight_bits=4, iters=20, gptq_candidate=False))
     assert all(r.gptq_mse is None and not r.status.startswith("kept gptq") for r in off.regions)
