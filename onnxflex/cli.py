@@ -138,8 +138,8 @@ def main(verbose):
                    "Q/DQ around every quantized op so onnxruntime's CPU int8 kernels run")
 @click.option("--report", type=click.Path(), default=None, help="report JSON path (default: beside the output)")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--no-gptq-candidate", is_flag=True,
-              help="judge each one-op region between RTN and the learned rounding only (default: GPTQ's too)")
+@click.option("--gptq-candidate/--no-gptq-candidate", default=None,
+              help="the held-out judge also weighs GPTQ's rounding of each one-op region (default: yes, except decoder LMs)")
 @click.option("--no-judge", is_flag=True, hidden=True, help="ablation: keep learned weights even where RTN does better held out")
 @click.option("--no-row-guard", is_flag=True, hidden=True, help="ablation: learn weights with too few calibration rows too")
 @click.option("--element-lr-scale", type=float, default=None,
@@ -152,7 +152,7 @@ def main(verbose):
 def quantize(model, calib, output, method, weight_bits, act_bits, granularity, block_size, asymmetric, regions, preset, iters, batch_size,
              lr, act_lr, drop_prob, calib_size, augment, calib_method, first_last_bits, exclude, quantize_attention,
              tokenizer, max_length, seq_len, device, tf32, max_memory, stream_precision,
-             target, report, seed, no_gptq_candidate, no_judge, no_row_guard, element_lr_scale, checks, quiet,
+             target, report, seed, gptq_candidate, no_judge, no_row_guard, element_lr_scale, checks, quiet,
              preprocess, size, resize, mean, std):
     """Quantize MODEL with calibration data and write a QDQ ONNX model."""
     from .api import quantize as run_quantize
@@ -164,7 +164,7 @@ def quantize(model, calib, output, method, weight_bits, act_bits, granularity, b
                       calib_size=calib_size, augment=augment, calib_method=calib_method, first_last_bits=first_last_bits or None,
                       exclude=list(exclude), quantize_act_matmul=quantize_attention, device=device, tf32=tf32, seed=seed,
                       max_memory=max_memory, stream_precision=stream_precision, target=target,
-                      judge=not no_judge, row_guard=not no_row_guard, gptq_candidate=not no_gptq_candidate,
+                      judge=not no_judge, row_guard=not no_row_guard, gptq_candidate=gptq_candidate,
                       element_lr_scale=element_lr_scale,
                       checks=checks, progress=not quiet)
     source = calib[0] if len(calib) == 1 else list(calib)

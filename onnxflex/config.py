@@ -61,8 +61,10 @@ class QuantConfig:
     judge: bool = True
     row_guard: bool = True
     # the judge also weighs GPTQ's closed-form rounding of each one-op region (same Gram statistics, same
-    # grid) and keeps whichever of RTN, GPTQ and the learned rounding does best held out
-    gptq_candidate: bool = True
+    # grid) and keeps whichever of RTN, GPTQ and the learned rounding does best held out. None: yes,
+    # except for decoder LMs, where it lowered region errors on held-out calibration windows but raised
+    # perplexity on other text (README, "Decoder LM")
+    gptq_candidate: Optional[bool] = None
     # learning rate of FlexRound's per-weight S2 as a multiple of --lr; held-out checks per region
     # (early stopping: the parameters with the lowest held-out error along the schedule are kept)
     element_lr_scale: Optional[float] = None

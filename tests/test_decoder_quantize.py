@@ -54,6 +54,8 @@ def test_decoder_gets_layer_regions_blockwise_int4_and_an_8bit_lm_head(tiny_path
     assert res.summary["rule_violations"] == 0
     assert res.summary["region_mode"] == "auto:layer"
     assert len(res.regions) == 7 * LAYERS + 1
+    # decoders leave GPTQ out of the judge by default (it lowered held-out region errors but raised perplexity)
+    assert all(r.gptq_mse is None for r in res.regions) and "gptq" not in res.summary["region_outcomes"]
     w = _weights_by_matmul(str(out))
     assert len(w) == 7 * LAYERS + 1
     head = [k for k in w if "lm_head" in k]

@@ -342,7 +342,8 @@ class RegionRun:
                 else:
                     rep.loss_form = "gram"
                     train_gram(graph, spec, learned[0], stats, cfg, method.per_sample_loss, desc, device, holdout)
-                    if cfg.gptq_candidate and learnable[0]:
+                    wants_gptq = cfg.gptq_candidate if cfg.gptq_candidate is not None else not self.ctx.traits.decoder
+                    if wants_gptq and learnable[0]:
                         gptq = self.gptq_candidate(spec, act, stats, drop, y_fp_all, learnable, rng, gen)
             else:
                 rep.loss_form = "direct"
