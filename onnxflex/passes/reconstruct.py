@@ -361,8 +361,8 @@ class RegionRun:
     def gptq_candidate(self, spec, act, stats, drop, y_fp_all, learnable, rng, gen) -> list:
         """GPTQ's integers for a one-op region on the learned method's grid, from the same Gram
         statistics (recomputed without QDrop's FP mixing when training used it: GPTQ fits the deployed
-        input). Layer-wise, GPTQ's error feedback beats learned rounding on many decoder linears (see
-        README, "Decoders"), so the judge weighs both."""
+        input). One op at a time, GPTQ's error feedback reaches a lower loss than learned rounding on
+        most of a CNN's layers and of a decoder's linears (README, "The judge"), so the judge weighs both."""
         if drop > 0:
             stats = gram_stats(self.graph, spec, act, self.streams, y_fp_all[self.graph.node_by_name[spec.node].output[0]],
                                min(self.cfg.batch_size, self.streams.n_train), 0.0, rng, gen, self.device)
