@@ -36,6 +36,8 @@ ROWS = {
     "judge-off": (["--no-judge"], "learned weights kept even where RTN is better held out"),
     "gptq-cand-off": (["--no-gptq-candidate"], "the judge weighs RTN and FlexRound only (not GPTQ)"),
     "gptq": (["--method", "gptq"], "GPTQ alone (closed form, no FlexRound)"),
+    "calib64": (["--calib-size", "64"], "64 calibration images (8 held out for the judge)"),
+    "calib64-gptq-off": (["--calib-size", "64", "--no-gptq-candidate"], "64 images, the judge without GPTQ"),
     "guard-off": (["--no-row-guard"], "learn weights with too few calibration rows too"),
     "layer": (["--regions", "layer"], "one weighted op per region"),
     "block": (["--regions", "block"], "blocks (residual blocks) as regions"),
