@@ -100,7 +100,8 @@ class RegionModule(nn.Module):
         self.consts = nn.Module()
         self.const_keys: dict[str, str] = {}  # onnx name -> buffer name in self.consts
         for name, arr in constants.items():
-            if name in read and name not in produced and name not in self.input_names:
+            # an overridden weight's raw values are never read (its module's forward() is): no copy
+            if name in read and name not in produced and name not in self.input_names and name not in weight_overrides:
                 key = _sanitize(name, taken)
                 self.consts.register_buffer(key, numpy_to_torch(arr))
                 self.const_keys[name] = key
@@ -153,7 +154,7 @@ class RegionModule(nn.Module):
                     self._last_use[i] = k
 
     def constant(self, name: str) -> torch.Tensor:
-        """The raw buffer of an ONNX constant (ignoring weight overrides)."""
+        """The raw buffer of an ONNX constant (not of an overridden weight, which is not kept)."""
         return getattr(self.consts, self.const_keys[name])
 
     def _wants_quant(self, tensor: str, node_name: str) -> bool:

@@ -311,14 +311,17 @@ class RegionRun:
         gen = torch.Generator(device=device).manual_seed(seed)
         desc = f"  {region.name}"
         holdout = None
-        module = self.build(learned)  # trained by real passes (blocks); measured held out by the checks
-        if method.checkable and cfg.checks > 0 and streams.n_train < streams.n:
+        one_op = gram_applicable(graph, region)
+        checked = method.checkable and cfg.checks > 0 and streams.n_train < streams.n
+        # one module serves the real passes (blocks) and the held-out checks; a Gram fit without checks needs none
+        module = self.build(learned) if checked or not one_op else None
+        if checked:
 
             def holdout():
                 with torch.no_grad():
                     return region_mse(module, streams, streams.q, region.inputs, y_fp, held, self.batch, device)
         try:
-            if gram_applicable(graph, region):
+            if one_op:
                 spec = region.weights[0]
                 act = self.act_quant.get(spec.data_input)
                 if act is not None and spec.node not in self.ctx.act_points[spec.data_input].consumers:
