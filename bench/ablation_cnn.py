@@ -121,17 +121,16 @@ def table(args) -> None:
         report = runs / f"{row}.report.json"
         if not report.exists():
             continue
-        s = json.loads(report.read_text())["summary"]
+        rep = json.loads(report.read_text())
+        s, statuses = rep["summary"], [str(r.get("status", "")) for r in rep["regions"]]
         wall = json.loads((runs / f"{row}.wall.json").read_text()) if (runs / f"{row}.wall.json").exists() else {}
         ev = evaluate(str(runs / f"{row}.onnx"), val, ref=str(fp32), preprocess=pp)
         rows.append(dict(row=row, change=" ".join(ROWS[row][0]) or "-", why=ROWS[row][1], top1=ev.top1 * 100,
                          agree=ev.agreement * 100, sqnr=ev.sqnr_db, seconds=wall.get("wall", s["seconds"]),
                          jobs=wall.get("jobs", 1), peak_mb=s["peak_rss_mb"], gpu_mb=s.get("gpu_peak_mb"),
                          device=s["device"], regions=s["region_mode"], iters=s["iters"],
-                         kept_rtn=sum(1 for r in json.loads(report.read_text())["regions"]
-                                      if str(r.get("status", "")).startswith(("kept rtn", "rtn:"))),
-                         kept_gptq=sum(1 for r in json.loads(report.read_text())["regions"]
-                                       if str(r.get("status", "")).startswith("kept gptq"))))
+                         kept_rtn=sum(st.startswith(("kept rtn", "rtn:")) for st in statuses),
+                         kept_gptq=sum(st.startswith("kept gptq") for st in statuses)))
         print(f"{row}: top-1 {ev.top1 * 100:.2f} agree {ev.agreement * 100:.1f}", flush=True)
     ref = next((r["top1"] for r in rows if r["row"] == "base"), None)
     cmds = runs / "command.txt"

@@ -115,7 +115,6 @@ def main():
     from bench.llm import build, corpus
     from onnxflex.quantizers import gram as G
 
-    torch.set_num_threads(max(1, (len(__import__("os").sched_getaffinity(0)))))
     work = Path(args.work)
     lee, _ = corpus(work)
     model = build(work, "smollm2")
