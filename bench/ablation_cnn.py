@@ -19,6 +19,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import onnx
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -68,6 +70,13 @@ ROWS = {
     "rtn": (["--method", "rtn"], "round-to-nearest"),
     "w8a8": (["--weight-bits", "8"], "FlexRound W8A8"),
     "rtn-w8a8": (["--method", "rtn", "--weight-bits", "8"], "RTN W8A8"),
+    "cle": (["--cle"], "cross-layer equalization first (ReLU6 in chains -> Relu)"),
+    "cle-w8a8": (["--cle", "--weight-bits", "8"], "FlexRound W8A8 after CLE"),
+    "w8a8-tensor": (["--weight-bits", "8", "--granularity", "tensor"], "FlexRound W8A8, per-tensor weight scales"),
+    "cle-w8a8-tensor": (["--cle", "--weight-bits", "8", "--granularity", "tensor"], "per-tensor W8A8 after CLE"),
+    "rtn-w8a8-tensor": (["--method", "rtn", "--weight-bits", "8", "--granularity", "tensor"], "RTN W8A8 per-tensor"),
+    "cle-rtn-w8a8-tensor": (["--cle", "--method", "rtn", "--weight-bits", "8", "--granularity", "tensor"],
+                            "RTN W8A8 per-tensor after CLE"),
 }
 QUICK = "base,w4a32,qdrop-off,lsq-off,range-mse,judge-off,guard-off,layer,block,rtn"
 
@@ -133,6 +142,18 @@ def table(args) -> None:
                          kept_gptq=sum(st.startswith("kept gptq") for st in statuses)))
         print(f"{row}: top-1 {ev.top1 * 100:.2f} agree {ev.agreement * 100:.1f}", flush=True)
     ref = next((r["top1"] for r in rows if r["row"] == "base"), None)
+    cle_line = ""
+    if any("--cle" in r["change"] for r in rows):  # the reference the CLE rows reproduce: ReLU6 in chains -> Relu
+        from onnxflex.graph import Graph
+        from onnxflex.passes.equalize import equalized_model
+        from onnxflex.passes.prepare import PreparePass, load_model
+
+        model, clips = equalized_model(Graph(PreparePass().prepare(load_model(str(fp32)))))
+        eq_path = runs / "fp32_cle.onnx"
+        onnx.save(model, str(eq_path))
+        ev = evaluate(str(eq_path), val, ref=str(fp32), preprocess=pp)
+        cle_line = (f"- FP32 after `--cle` alone ({len(clips)} ReLU6 -> Relu, weights rescaled): top-1 {ev.top1 * 100:.2f} %, "
+                    f"agreement with FP32 {ev.agreement * 100:.1f} %, output SQNR {ev.sqnr_db:.1f} dB\n")
     cmds = runs / "command.txt"
     made_by = "; ".join(f"`{c}`" for c in cmds.read_text().splitlines()) if cmds.exists() else "-"
     head = (f"# Ablation: {args.model}, FlexRound W4A8 (fast preset, seed 0) one component at a time\n\n"
@@ -143,6 +164,7 @@ def table(args) -> None:
             f"- time: wall seconds of the row's own process, with `jobs` rows running at once on that machine\n"
             f"- Δ base: top-1 minus the `base` row; kept-RTN: regions whose learned weights lost to RTN held out, "
             f"or had too few rows to learn; kept-GPTQ: regions where GPTQ's rounding won held out\n"
+            f"{cle_line}"
             f"- made by: {made_by}\n"
             f"- table: `python bench/ablation_cnn.py {' '.join(sys.argv[1:])}`\n\n")
     lines = ["| row | change | what it asks | regions | iters | top-1 % | Δ FP32 | Δ base | agree % | out SQNR dB | "

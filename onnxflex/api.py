@@ -61,6 +61,7 @@ def pipeline():
     from .passes.base import Sequential
     from .passes.calibrate import CalibratePass
     from .passes.check import CheckPass
+    from .passes.equalize import EqualizePass
     from .passes.load_calibration import LoadCalibrationPass
     from .passes.partition import PartitionPass
     from .passes.prepare import PreparePass
@@ -69,7 +70,7 @@ def pipeline():
     from .passes.select import SelectPass
     from .passes.validate import ValidatePass
 
-    return Sequential(PreparePass(), LoadCalibrationPass(), AnalyzePass(), SelectPass(), PartitionPass(),
+    return Sequential(PreparePass(), LoadCalibrationPass(), EqualizePass(), AnalyzePass(), SelectPass(), PartitionPass(),
                       CalibratePass(), ReconstructPass(), QDQPass(), ValidatePass(), CheckPass())
 
 

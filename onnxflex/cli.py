@@ -123,6 +123,9 @@ def main(verbose):
 @click.option("--first-last-bits", type=int, default=8, show_default=True,
               help="bits of the first and last weighted op (0 = same as --weight-bits)")
 @click.option("--exclude", multiple=True, help="node name to keep in FP32 (repeatable)")
+@click.option("--cle", is_flag=True,
+              help="cross-layer equalization of Conv -> Relu/ReLU6 -> Conv chains first (ReLU6 there becomes Relu; "
+                   "the report measures that change); helps most with --granularity tensor")
 @click.option("--quantize-attention", is_flag=True,
               help="also quantize activation x activation MatMuls (attention scores and context); FP by default")
 @text_options
@@ -150,7 +153,7 @@ def main(verbose):
 @preprocess_options
 @user_errors
 def quantize(model, calib, output, method, weight_bits, act_bits, granularity, block_size, asymmetric, regions, preset, iters, batch_size,
-             lr, act_lr, drop_prob, calib_size, augment, calib_method, first_last_bits, exclude, quantize_attention,
+             lr, act_lr, drop_prob, calib_size, augment, calib_method, first_last_bits, exclude, cle, quantize_attention,
              tokenizer, max_length, seq_len, device, tf32, max_memory, stream_precision,
              target, report, seed, gptq_candidate, no_judge, no_row_guard, element_lr_scale, checks, quiet,
              preprocess, size, resize, mean, std):
@@ -162,7 +165,7 @@ def quantize(model, calib, output, method, weight_bits, act_bits, granularity, b
                       batch_size=batch_size, lr=lr,
                       act_lr=act_lr, drop_prob=drop_prob,
                       calib_size=calib_size, augment=augment, calib_method=calib_method, first_last_bits=first_last_bits or None,
-                      exclude=list(exclude), quantize_act_matmul=quantize_attention, device=device, tf32=tf32, seed=seed,
+                      exclude=list(exclude), cle=cle, quantize_act_matmul=quantize_attention, device=device, tf32=tf32, seed=seed,
                       max_memory=max_memory, stream_precision=stream_precision, target=target,
                       judge=not no_judge, row_guard=not no_row_guard, gptq_candidate=gptq_candidate,
                       element_lr_scale=element_lr_scale,

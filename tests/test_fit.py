@@ -1,4 +1,6 @@
-"""The reconstruction loop's options: S2's own learning rate and early stopping on held-out error."""
+"""The reconstruction loop's options (S2's own learning rate, early stopping on held-out error) and the
+Gram statistics it trains on."""
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -75,3 +77,63 @@ def test_presets_set_s2_rate_and_checks_and_flags_override_them():
     assert (mine.element_lr_scale, mine.checks) == (1.0, 0)
     with pytest.raises(OnnxflexError, match="--checks"):
         QuantConfig(checks=-1).resolved()
+
+
+class _Layout:
+    def take(self, arr, idx):
+        return arr[idx]
+
+
+class _Streams:
+    """The part of reconstruction.streams.Streams that gram_stats reads: two stores of one tensor."""
+
+    def __init__(self, q, fp, n_train):
+        self.q, self.fp, self.n_train, self.mask = {"x": q}, {"x": fp}, n_train, None
+
+    def layout(self, name):
+        return _Layout()
+
+    def take(self, store, name, idx):
+        return store[name][idx]
+
+    def shuffled(self, rng, count, batch):
+        order = rng.permutation(count)
+        return [np.sort(order[s:s + batch]) for s in range(0, count, batch)]
+
+
+def test_deployed_statistics_come_from_the_quantized_stream_alone():
+    """gram_stats' second result (what GPTQ's candidate fits) equals the QDrop-free statistics, made in
+    the same pass as the QDrop-mixed ones; the mixed ones differ from it."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxflex.graph import Graph
+    from onnxflex.reconstruction.fit import gram_stats
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((5, 4, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(5).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", pads=[1, 1, 1, 1], strides=[2, 2])
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 9, 9])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 5, 5, 5])],
+                          [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    graph = Graph(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    spec = graph.weighted_nodes()[0]
+    fp = rng.standard_normal((20, 4, 9, 9)).astype(np.float32)
+    q = fp + 0.1 * rng.standard_normal(fp.shape).astype(np.float32)
+    y = torch.nn.functional.conv2d(torch.from_numpy(fp), torch.from_numpy(w), torch.from_numpy(b), stride=2, padding=1).numpy()
+    streams = _Streams(q, fp, 16)
+
+    def run(drop, deployed):
+        return gram_stats(graph, spec, None, streams, y, 8, drop, np.random.default_rng(1),
+                          torch.Generator().manual_seed(2), "cpu", deployed)
+
+    mixed, total = run(0.5, True)
+    plain, none = run(0.0, False)
+    assert none is None and len(mixed) == len(plain) == 2
+    want = sum(plain[1:], plain[0])
+    for got, ref in ((total.G, want.G), (total.C, want.C), (total.r2, want.r2)):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+    assert total.count == want.count and total.samples == 16
+    assert not torch.allclose(sum(mixed[1:], mixed[0]).G, want.G, rtol=1e-3)  # QDrop did mix the FP stream in
+    _, same = run(0.0, True)  # no mixing: the deployed total is the sum of the training statistics
+    torch.testing.assert_close(same.G, want.G)

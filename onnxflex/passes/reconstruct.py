@@ -327,8 +327,10 @@ class RegionRun:
                 if act is not None and spec.node not in self.ctx.act_points[spec.data_input].consumers:
                     act = None
                 drop = cfg.drop_prob if method.fit == "adam" else 0.0  # a solve fits the deployed input
-                stats = gram_stats(graph, spec, act, streams, y_fp_all[graph.node_by_name[spec.node].output[0]],
-                                   min(cfg.batch_size, streams.n_train), drop, rng, gen, device)
+                gptq_on = cfg.gptq_candidate if cfg.gptq_candidate is not None else not self.ctx.traits.decoder
+                wants_gptq = gptq_on and method.fit == "adam" and bool(learnable[0])
+                stats, deployed = gram_stats(graph, spec, act, streams, y_fp_all[graph.node_by_name[spec.node].output[0]],
+                                             min(cfg.batch_size, streams.n_train), drop, rng, gen, device, wants_gptq)
                 if method.fit == "solve":
                     # with and without the input-error correction; the held-out samples choose
                     rep.loss_form = "closed-form"
@@ -345,9 +347,8 @@ class RegionRun:
                 else:
                     rep.loss_form = "gram"
                     train_gram(graph, spec, learned[0], stats, cfg, method.per_sample_loss, desc, device, holdout)
-                    wants_gptq = cfg.gptq_candidate if cfg.gptq_candidate is not None else not self.ctx.traits.decoder
-                    if wants_gptq and learnable[0]:
-                        gptq = self.gptq_candidate(spec, act, stats, drop, y_fp_all, learnable, rng, gen)
+                    if wants_gptq:
+                        gptq = self.gptq_candidate(deployed, learnable)
             else:
                 rep.loss_form = "direct"
                 train_direct(module, region, learned, list(self.own_acts.values()), streams, y_fp, cfg,
@@ -361,17 +362,14 @@ class RegionRun:
         rep.iters = cfg.iters
         return learned, gptq
 
-    def gptq_candidate(self, spec, act, stats, drop, y_fp_all, learnable, rng, gen) -> list:
-        """GPTQ's integers for a one-op region on the learned method's grid, from the same Gram
-        statistics (recomputed without QDrop's FP mixing when training used it: GPTQ fits the deployed
+    def gptq_candidate(self, deployed, learnable) -> list:
+        """GPTQ's integers for a one-op region on the learned method's grid, from the deployed-input
+        Gram statistics (the quantized stream alone, without QDrop's FP mixing: GPTQ fits the deployed
         input). One op at a time, GPTQ's error feedback reaches a lower loss than learned rounding on
         most of a CNN's layers and of a decoder's linears (README, "The judge"), so the judge weighs both."""
-        if drop > 0:
-            stats = gram_stats(self.graph, spec, act, self.streams, y_fp_all[self.graph.node_by_name[spec.node].output[0]],
-                               min(self.cfg.batch_size, self.streams.n_train), 0.0, rng, gen, self.device)
         gptq = self.quantizers(get_method("gptq"), learnable)
         try:
-            gptq[0].solve(sum(stats[1:], stats[0]), correct_inputs=True)
+            gptq[0].solve(deployed, correct_inputs=True)
         except (ValueError, RuntimeError) as e:  # no output axis, or a Hessian beyond damping: no candidate
             log.info("region %s: no GPTQ candidate (%s)", self.region.name, e)
             return None

@@ -30,8 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# Chunk the im2col work so a large activation never needs more than about this many bytes at once.
+# Chunk a linear layer's rows so a large activation never needs more than about this many bytes at once.
 _CHUNK_BYTES = 256 * 1024 * 1024
+# A conv's patches are made and consumed a few samples at a time: chunks that stay in cache made
+# EfficientNet-Lite0's conv statistics 2.9x faster than 256 MiB ones on the 2-core EPYC (1.25 s -> 0.43 s
+# over six of its layer shapes, batch 32); below 4 MiB nothing more was gained.
+_CONV_CHUNK_BYTES = 4 * 1024 * 1024
 
 
 @dataclass
@@ -96,6 +100,18 @@ def _pair(v, nd: int) -> Tuple[int, ...]:
     return v
 
 
+def _patches(xp: Tensor, kh: int, kw: int, stride, dilation, ho: int, wo: int) -> Tensor:
+    """F.unfold's [n, Cin*kh*kw, Ho*Wo] patches of an already padded input, built from kh*kw strided
+    views (2x faster than im2col on this CPU for 3x3 depthwise, and a plain view for a 1x1 conv)."""
+    n, c = xp.shape[:2]
+    (sh, sw), (dh, dw) = stride, dilation
+    if kh == kw == 1 and sh == sw == 1:
+        return xp[:, :, :ho, :wo].reshape(n, c, ho * wo)
+    taps = [xp[:, :, i * dh: i * dh + (ho - 1) * sh + 1: sh, j * dw: j * dw + (wo - 1) * sw + 1: sw]
+            for i in range(kh) for j in range(kw)]
+    return torch.stack(taps, 2).reshape(n, c * kh * kw, ho * wo)
+
+
 def conv_gram(x: Tensor, w: Tensor, b: Optional[Tensor], y: Tensor, stride=1, padding=0, dilation=1,
               groups: int = 1, accum_dtype: torch.dtype = torch.float64,
               dtype: torch.dtype = torch.float32) -> GramStats:
@@ -127,22 +143,26 @@ def conv_gram(x: Tensor, w: Tensor, b: Optional[Tensor], y: Tensor, stride=1, pa
     wa = w.detach().to(accum_dtype)
     ba = None if b is None else b.detach().to(accum_dtype)
     per_sample = (x[0].numel() * kh * kw + y[0].numel()) * torch.finfo(accum_dtype).bits // 8
-    step = max(1, _CHUNK_BYTES // max(per_sample, 1))
+    step = max(1, _CONV_CHUNK_BYTES // max(per_sample, 1))
     count = 0
     for i in range(0, N, step):
         xc = x[i:i + step].detach().to(accum_dtype)
         yc = y[i:i + step].detach().to(accum_dtype)
         n = xc.shape[0]
         xp = F.pad(xc, pad) if any(pad) else xc
-        r = yc - F.conv2d(xp, wa, ba, stride=stride, padding=0, dilation=dilation, groups=g)
-        cols = F.unfold(xp, (kh, kw), dilation=dilation, padding=0, stride=stride)  # [n, Cin*kh*kw, L]
-        L = cols.shape[-1]
-        if r.shape[2] * r.shape[3] != L or r.shape[1] != cout:
-            raise ValueError(f"target shape {tuple(y.shape)} does not match the conv output")
-        xg = cols.view(n, g, K, L).permute(1, 2, 0, 3).reshape(g, K, n * L)  # [g, K, M]
-        rg = r.reshape(n, g, og, L).permute(1, 2, 0, 3).reshape(g, og, n * L)  # [g, og, M]
-        G += torch.bmm(xg, xg.transpose(1, 2))
-        C += torch.bmm(rg, xg.transpose(1, 2))
+        out = F.conv2d(xp, wa, ba, stride=stride, padding=0, dilation=dilation, groups=g)
+        if yc.shape != out.shape:
+            raise ValueError(f"target shape {tuple(y.shape)} does not match the conv output {tuple(out.shape)}")
+        r = out.neg_().add_(yc)  # in place: one activation-sized buffer fewer
+        ho, wo = r.shape[2], r.shape[3]
+        cols = _patches(xp, kh, kw, stride, dilation, ho, wo)  # [n, Cin*kh*kw, L]
+        L = ho * wo
+        # one sample at a time, accumulated in place: no [K, n*L] permuted copy (the bulk of the old cost)
+        for s in range(n):
+            a = cols[s].reshape(g, K, L)
+            at = a.transpose(1, 2)
+            G.baddbmm_(a, at)
+            C.baddbmm_(r[s].reshape(g, og, L), at)
         r2 += (r * r).sum()
         count += r.numel()
     return GramStats(G.to(dtype), C.reshape(cout, K).to(dtype), r2.to(dtype), count, N)

@@ -143,32 +143,46 @@ def gram_applicable(graph: Graph, region) -> bool:
 
 @torch.no_grad()
 def gram_stats(graph: Graph, spec: WeightSpec, act, streams, y_lin: np.ndarray, batch: int, drop_prob: float,
-               rng, gen, device) -> list:
+               rng, gen, device, deployed: bool = False) -> tuple:
     """Per mini-batch statistics (G = XᵀX, C = RᵀX, ||R||²) of the op's linear-output loss, with the
-    op's input taken from the quantized stream (QDrop-mixed with the FP stream) through its Q/DQ."""
+    op's input taken from the quantized stream (QDrop-mixed with the FP stream) through its Q/DQ.
+
+    Returns (per-batch statistics, their deployed-input total or None). With ``deployed`` the total
+    is of the quantized stream alone (no QDrop mixing: what GPTQ's candidate fits), made in the same
+    pass over the streams rather than a second one."""
     node = graph.node_by_name[spec.node]
     w = torch.from_numpy(graph.array(spec.weight).astype(np.float32)).to(device)
     b = torch.from_numpy(graph.array(spec.bias).astype(np.float32)).to(device) if spec.bias else None
+    w_lin = w if spec.op_type == "Conv" else gram_mod.out_by_in(w, spec.out_axis)
     lin = streams.layout(node.output[0])
-    stats = []
+    stats, plain = [], None
+
+    def one(x, y, n):
+        if spec.op_type == "Conv":
+            geo = conv_geometry(node, tuple(x.shape), tuple(w.shape))
+            return gram_mod.conv_gram(x, w, b, y, **geo, accum_dtype=torch.float32)
+        st = gram_mod.linear_gram(x, w_lin, b, y, accum_dtype=torch.float32)
+        st.samples = n
+        return st
+
     for idx in streams.shuffled(rng, streams.n_train, batch):
-        x = mix(to_torch(streams.take(streams.q, spec.data_input, idx), device),
-                to_torch(streams.take(streams.fp, spec.data_input, idx), device), drop_prob, gen)
+        xq = to_torch(streams.take(streams.q, spec.data_input, idx), device)
+        x = mix(xq, to_torch(streams.take(streams.fp, spec.data_input, idx), device), drop_prob, gen)
+        mixed = x is not xq
         if act is not None:
             x = act(x)
         y = to_torch(lin.take(y_lin, idx), device)
         m = None if streams.mask is None else token_weights(to_torch(streams.mask[idx], device), y)
-        if m is not None:  # only the real tokens' rows enter G, C and ||R||^2
-            keep = m.reshape(m.shape[:2]) > 0
-            x, y = x[keep], y[keep]
-        if spec.op_type == "Conv":
-            geo = conv_geometry(node, tuple(x.shape), tuple(w.shape))
-            stats.append(gram_mod.conv_gram(x, w, b, y, **geo, accum_dtype=torch.float32))
-        else:
-            st = gram_mod.linear_gram(x, gram_mod.out_by_in(w, spec.out_axis), b, y, accum_dtype=torch.float32)
-            st.samples = len(idx)
-            stats.append(st)
-    return stats
+        keep = None if m is None else m.reshape(m.shape[:2]) > 0  # only the real tokens' rows enter G, C, ||R||²
+        stats.append(one(x if keep is None else x[keep], y if keep is None else y[keep], len(idx)))
+        del x  # before the deployed input is made: one activation-sized buffer at a time
+        if deployed and mixed:
+            xd = xq if act is None else act(xq)
+            st = one(xd if keep is None else xd[keep], y if keep is None else y[keep], len(idx))
+            plain = st if plain is None else plain + st
+    if not deployed:
+        return stats, None
+    return stats, plain if plain is not None else sum(stats[1:], stats[0])
 
 
 def train_gram(graph: Graph, spec: WeightSpec, quantizer, stats: list, cfg, per_sample: bool, desc: str, device,

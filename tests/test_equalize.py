@@ -1,0 +1,143 @@
+"""Cross-layer equalization (--cle): which chains it finds, that Relu chains keep the function, that the
+ranges end up equal, what it does to a ReLU6, and that it helps a per-tensor weight grid."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+
+from onnxflex import QuantConfig, quantize
+from onnxflex.graph import Graph
+from onnxflex.passes.equalize import equalize, equalized_model, find_chains
+from onnxflex.passes.prepare import PreparePass, load_model
+from onnxflex.runtime.session import make_session
+from tests.conftest import export
+
+
+class Chain(torch.nn.Module):
+    """conv -> relu -> depthwise -> (relu | relu6) -> conv, with channel ranges 100x apart."""
+
+    def __init__(self, relu6: bool):
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.relu6 = relu6
+        self.a = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.dw = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.b = torch.nn.Conv2d(8, 6, 1)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            spread = torch.logspace(-1, 1, 8)  # channel c of `a` is 100x wider than channel 0
+            self.a.weight.mul_(spread.view(-1, 1, 1, 1))
+            self.a.bias.mul_(spread)
+            self.dw.weight.mul_(spread.flip(0).view(-1, 1, 1, 1))
+
+    def forward(self, x):
+        x = self.dw(torch.relu(self.a(x)))
+        x = torch.nn.functional.relu6(x) if self.relu6 else torch.relu(x)
+        return self.b(x)
+
+
+def _prepared(tmp_path, relu6):
+    path = export(Chain(relu6), torch.zeros(1, 3, 12, 12), tmp_path / f"chain{int(relu6)}.onnx", ["input"], ["out"],
+                  {"input": {0: "n"}, "out": {0: "n"}})
+    return path, Graph(PreparePass().prepare(load_model(str(path))))
+
+
+def _x(n=24):
+    return np.random.default_rng(0).standard_normal((n, 3, 12, 12)).astype(np.float32)
+
+
+def test_finds_both_chains_and_equalizes_ranges(tmp_path):
+    _, graph = _prepared(tmp_path, relu6=False)
+    chains = find_chains(graph)
+    assert [(c1.op_type, a.op_type if a else None, c2.op_type) for c1, a, c2 in chains] == [
+        ("Conv", "Relu", "Conv"), ("Conv", "Relu", "Conv")]
+    arrays = equalize(graph, chains)
+    (a, _, dw), (_, _, b) = chains
+    wa, wdw, wb = (arrays[n.input[1]] for n in (a, dw, b))
+    # a's rows vs dw's filters, dw's filters vs b's columns: each channel's ranges meet
+    ra, rdw = np.abs(wa).reshape(8, -1).max(1), np.abs(wdw).reshape(8, -1).max(1)
+    rb = np.abs(wb).transpose(1, 0, 2, 3).reshape(8, -1).max(1)
+    np.testing.assert_allclose(ra, rdw, rtol=1e-3)
+    np.testing.assert_allclose(rdw, rb, rtol=1e-3)
+    before = np.abs(graph.array(a.input[1])).reshape(8, -1).max(1)
+    assert before.max() / before.min() > 30 and ra.max() / ra.min() < before.max() / before.min() / 3
+
+
+def test_relu_chains_keep_the_function(tmp_path):
+    path, _ = _prepared(tmp_path, relu6=False)
+    out = tmp_path / "q.onnx"
+    res = quantize(str(path), out, [{"input": _x()}], QuantConfig(method="rtn", weight_bits=8, act_bits=0, cle=True,
+                                                                   progress=False))
+    assert res.summary["cle"]["pairs"] == 2 and res.summary["cle"]["relu6_replaced"] == 0
+    # the equalized FP32 model (weights only rescaled) gives the original's outputs
+    _, graph = _prepared(tmp_path, relu6=False)
+    m, clips = equalized_model(graph)
+    assert not clips and m is not graph.model
+    x = _x(8)
+    ref = make_session(graph.model, optimization="disable").run(None, {"input": x})[0]
+    got = make_session(m, optimization="disable").run(None, {"input": x})[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_relu6_becomes_relu_and_the_change_is_measured(tmp_path):
+    path, _ = _prepared(tmp_path, relu6=True)
+    out = tmp_path / "q.onnx"
+    res = quantize(str(path), out, [{"input": _x() * 4}], QuantConfig(method="rtn", weight_bits=8, act_bits=0, cle=True,
+                                                                       progress=False))
+    cle = res.summary["cle"]
+    assert cle["pairs"] == 2 and cle["relu6_replaced"] == 1
+    assert np.isfinite(cle["fp32_change_sqnr_db"])  # inputs x4 push activations past 6: the model did change
+    assert any("ReLU6 replaced by Relu" in n for n in res.summary["notes"])
+    assert not any(n.op_type == "Clip" for n in onnx.load(str(out)).graph.node)
+
+
+def test_cle_helps_a_per_tensor_weight_grid(tmp_path):
+    """One per-tensor step for channels 100x apart rounds the narrow ones to zero; equalized, they survive."""
+    path, graph = _prepared(tmp_path, relu6=False)
+    x = _x(8)
+    ref = make_session(graph.model, optimization="disable").run(None, {"input": x})[0]
+    errs = {}
+    for cle in (False, True):
+        out = tmp_path / f"q{int(cle)}.onnx"
+        quantize(str(path), out, [{"input": _x()}], QuantConfig(method="rtn", weight_bits=4, act_bits=0, granularity="tensor",
+                                                                first_last_bits=None, cle=cle, progress=False))
+        got = make_session(str(out), optimization="disable").run(None, {"input": x})[0]
+        errs[cle] = float(np.mean((got - ref) ** 2))
+    assert errs[True] < 0.5 * errs[False], errs
+
+
+def test_tiny_resnet_chains(tiny_cnn):
+    """tiny_cnn: the grouped conv output is also the residual and the stem feeds a 2-group conv, so only
+    c1 -> relu -> dw and dw -> relu6 -> c2 chain (the second only when ReLU6 may become Relu)."""
+    graph = Graph(PreparePass().prepare(load_model(str(tiny_cnn))))
+    assert len(find_chains(graph)) == 2
+    assert find_chains(graph, relu6=False) and len(find_chains(graph, relu6=False)) == 1
+
+
+def test_no_chain_leaves_the_model_and_says_so(tmp_path):
+    """Conv -> Sigmoid -> Conv is not homogeneous: nothing to equalize, a note, the same integers as without."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("w1", (4, 3, 3, 3)), ("w2", (5, 4, 1, 1)))]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="c1", pads=[1, 1, 1, 1]),
+             helper.make_node("Sigmoid", ["a"], ["s"], name="sig"),
+             helper.make_node("Conv", ["s", "w2"], ["y"], name="c2")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 5, 8, 8])], inits)
+    path = tmp_path / "sig.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), str(path))
+    x = rng.standard_normal((16, 3, 8, 8)).astype(np.float32)
+    outs = {}
+    for cle in (False, True):
+        res = quantize(str(path), tmp_path / f"q{int(cle)}.onnx", [{"x": x}],
+                       QuantConfig(method="rtn", weight_bits=8, act_bits=0, cle=cle, progress=False))
+        outs[cle] = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / f"q{int(cle)}.onnx")).graph.initializer}
+    assert res.summary["cle"] == dict(pairs=0, relu6_replaced=0)
+    assert any("no Conv -> Relu/ReLU6 -> Conv chain" in n for n in res.summary["notes"])
+    assert outs[True].keys() == outs[False].keys()
+    for k in outs[True]:
+        np.testing.assert_array_equal(outs[True][k], outs[False][k])
