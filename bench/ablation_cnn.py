@@ -19,8 +19,6 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import onnx
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -64,6 +62,11 @@ ROWS = {
     "w3a8": (["--weight-bits", "3"], "FlexRound W3A8"),
     "rtn-w3a8": (["--method", "rtn", "--weight-bits", "3"], "RTN W3A8"),
     "adaround-w3a8": (["--method", "adaround", "--weight-bits", "3"], "AdaRound W3A8 (200 iterations)"),
+    "adaround-10k": (["--method", "adaround", "--iters", "10000", "--no-gptq-candidate"],
+                     "AdaRound W4A8 at its own schedule (10 000 iterations per region, lr 1e-3, beta 20 -> 2), judged against RTN only"),
+    "adaround-10k-w3a8": (["--method", "adaround", "--iters", "10000", "--no-gptq-candidate", "--weight-bits", "3"],
+                          "AdaRound W3A8 at its own schedule, judged against RTN only"),
+    "w3a8-gptq": (["--method", "gptq", "--weight-bits", "3"], "GPTQ alone, W3A8"),
     "w3a8-default": (["--weight-bits", "3", "--preset", "default"], "FlexRound W3A8, default preset"),
     "w2a8": (["--weight-bits", "2"], "FlexRound W2A8"),
     "paper-preset": (["--preset", "paper"], "the paper preset (20000 iterations, S2 at 0.3x, 20 checks)"),
@@ -139,21 +142,14 @@ def table(args) -> None:
                          jobs=wall.get("jobs", 1), peak_mb=s["peak_rss_mb"], gpu_mb=s.get("gpu_peak_mb"),
                          device=s["device"], regions=s["region_mode"], iters=s["iters"],
                          kept_rtn=sum(st.startswith(("kept rtn", "rtn:")) for st in statuses),
-                         kept_gptq=sum(st.startswith("kept gptq") for st in statuses)))
+                         kept_gptq=sum(st.startswith("kept gptq") for st in statuses), cle=s.get("cle")))
         print(f"{row}: top-1 {ev.top1 * 100:.2f} agree {ev.agreement * 100:.1f}", flush=True)
     ref = next((r["top1"] for r in rows if r["row"] == "base"), None)
-    cle_line = ""
-    if any("--cle" in r["change"] for r in rows):  # the reference the CLE rows reproduce: ReLU6 in chains -> Relu
-        from onnxflex.graph import Graph
-        from onnxflex.passes.equalize import equalized_model
-        from onnxflex.passes.prepare import PreparePass, load_model
-
-        model, clips = equalized_model(Graph(PreparePass().prepare(load_model(str(fp32)))))
-        eq_path = runs / "fp32_cle.onnx"
-        onnx.save(model, str(eq_path))
-        ev = evaluate(str(eq_path), val, ref=str(fp32), preprocess=pp)
-        cle_line = (f"- FP32 after `--cle` alone ({len(clips)} ReLU6 -> Relu, weights rescaled): top-1 {ev.top1 * 100:.2f} %, "
-                    f"agreement with FP32 {ev.agreement * 100:.1f} %, output SQNR {ev.sqnr_db:.1f} dB\n")
+    cle = next((r["cle"] for r in rows if r.get("cle")), None)
+    cle_line = "" if cle is None else (
+        f"- `--cle` rows: {cle['pairs']} conv pairs ({cle['clip_pairs']} through ReLU6, rescaled only where the clip stays "
+        f"exact on the calibration data); per-channel weight spread log10(max/median) {cle['spread_before']:.2f} -> "
+        f"{cle['spread_after']:.2f}; equalized vs original FP32 output SQNR {fmt(cle['fp32_change_sqnr_db'], '.1f')} dB\n")
     cmds = runs / "command.txt"
     made_by = "; ".join(f"`{c}`" for c in cmds.read_text().splitlines()) if cmds.exists() else "-"
     head = (f"# Ablation: {args.model}, FlexRound W4A8 (fast preset, seed 0) one component at a time\n\n"

@@ -8,7 +8,7 @@ import torch
 
 from onnxflex import QuantConfig, quantize
 from onnxflex.graph import Graph
-from onnxflex.passes.equalize import equalize, equalized_model, find_chains
+from onnxflex.passes.equalize import MARGIN, clip_input_maxima, equalize, equalized_model, find_chains
 from onnxflex.passes.prepare import PreparePass, load_model
 from onnxflex.runtime.session import make_session
 from tests.conftest import export
@@ -66,31 +66,52 @@ def test_finds_both_chains_and_equalizes_ranges(tmp_path):
 
 
 def test_relu_chains_keep_the_function(tmp_path):
-    path, _ = _prepared(tmp_path, relu6=False)
+    path, graph = _prepared(tmp_path, relu6=False)
     out = tmp_path / "q.onnx"
     res = quantize(str(path), out, [{"input": _x()}], QuantConfig(method="rtn", weight_bits=8, act_bits=0, cle=True,
                                                                    progress=False))
-    assert res.summary["cle"]["pairs"] == 2 and res.summary["cle"]["relu6_replaced"] == 0
-    # the equalized FP32 model (weights only rescaled) gives the original's outputs
-    _, graph = _prepared(tmp_path, relu6=False)
-    m, clips = equalized_model(graph)
-    assert not clips and m is not graph.model
+    cle = res.summary["cle"]
+    assert cle["pairs"] == 2 and cle["clip_pairs"] == 0 and not cle.get("kept_original")
+    assert cle["spread_after"] < cle["spread_before"] / 2
+    m = equalized_model(graph)
     x = _x(8)
     ref = make_session(graph.model, optimization="disable").run(None, {"input": x})[0]
     got = make_session(m, optimization="disable").run(None, {"input": x})[0]
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
-def test_relu6_becomes_relu_and_the_change_is_measured(tmp_path):
-    path, _ = _prepared(tmp_path, relu6=True)
+def test_relu6_chain_rescales_only_where_the_clip_stays_exact(tmp_path):
+    """Inputs x2 push some depthwise channels past 6: those keep s = 1, the others only shrink while
+    their largest pre-activation stays inside the clip, so the model computes the same outputs."""
+    path, graph = _prepared(tmp_path, relu6=True)
+    chains = find_chains(graph)
+    clip_chain = next(c for c in chains if c[1] is not None and c[1].op_type == "Clip")
+    dw = clip_chain[0]
+    # data-free: a Clip chain is left alone
+    assert np.array_equal(equalize(graph, [clip_chain])[dw.input[1]], graph.array(dw.input[1]))
+    x = _x() * 2
+    from onnxflex.calib.dataset import CalibrationSet
+
+    calib = CalibrationSet([{"input": x[i:i + 1]} for i in range(len(x))], ["input"])
+    maxima = clip_input_maxima(graph, chains, calib)
+    m = maxima[clip_chain[1].name]
+    assert (m * MARGIN > 6).any() and (m * MARGIN <= 6).any()  # both kinds of channel are present
+    arrays = equalize(graph, chains, maxima)
+    r_before = np.abs(graph.array(dw.input[1])).reshape(8, -1).max(1)
+    r_after = np.abs(arrays[dw.input[1]]).reshape(8, -1).max(1)
+    a = chains[0][0].input[1]  # a's rows shrink by s_a, dw's filters grow by s_a, then shrink by dw's own S
+    s_a = np.abs(graph.array(a)).reshape(8, -1).max(1) / np.abs(arrays[a]).reshape(8, -1).max(1)
+    s = (r_before / r_after) * s_a  # S: dw's pre-activation is divided by it
+    np.testing.assert_allclose(s[m * MARGIN > 6], 1.0, rtol=1e-5)  # saturating channels untouched
+    free = m * MARGIN <= 6
+    assert np.all(m[free] * MARGIN / s[free] <= 6 * (1 + 1e-5))  # the rest stay inside the clip
+    assert np.abs(np.log(s[free])).max() > 0.1  # and did move
     out = tmp_path / "q.onnx"
-    res = quantize(str(path), out, [{"input": _x() * 4}], QuantConfig(method="rtn", weight_bits=8, act_bits=0, cle=True,
-                                                                       progress=False))
+    res = quantize(str(path), out, [{"input": x}], QuantConfig(method="rtn", weight_bits=8, act_bits=0, cle=True, progress=False))
     cle = res.summary["cle"]
-    assert cle["pairs"] == 2 and cle["relu6_replaced"] == 1
-    assert np.isfinite(cle["fp32_change_sqnr_db"])  # inputs x4 push activations past 6: the model did change
-    assert any("ReLU6 replaced by Relu" in n for n in res.summary["notes"])
-    assert not any(n.op_type == "Clip" for n in onnx.load(str(out)).graph.node)
+    assert cle["clip_pairs"] == 1 and not cle.get("kept_original")
+    assert cle["fp32_change_sqnr_db"] is None or cle["fp32_change_sqnr_db"] > 60
+    assert any(n.op_type == "Clip" for n in onnx.load(str(out)).graph.node)  # the ReLU6 is still a ReLU6
 
 
 def test_cle_helps_a_per_tensor_weight_grid(tmp_path):
@@ -136,7 +157,7 @@ def test_no_chain_leaves_the_model_and_says_so(tmp_path):
         res = quantize(str(path), tmp_path / f"q{int(cle)}.onnx", [{"x": x}],
                        QuantConfig(method="rtn", weight_bits=8, act_bits=0, cle=cle, progress=False))
         outs[cle] = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / f"q{int(cle)}.onnx")).graph.initializer}
-    assert res.summary["cle"] == dict(pairs=0, relu6_replaced=0)
+    assert res.summary["cle"] == dict(pairs=0, clip_pairs=0)
     assert any("no Conv -> Relu/ReLU6 -> Conv chain" in n for n in res.summary["notes"])
     assert outs[True].keys() == outs[False].keys()
     for k in outs[True]:

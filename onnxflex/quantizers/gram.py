@@ -34,7 +34,8 @@ from torch import Tensor
 _CHUNK_BYTES = 256 * 1024 * 1024
 # A conv's patches are made and consumed a few samples at a time: chunks that stay in cache made
 # EfficientNet-Lite0's conv statistics 2.9x faster than 256 MiB ones on the 2-core EPYC (1.25 s -> 0.43 s
-# over six of its layer shapes, batch 32); below 4 MiB nothing more was gained.
+# over six of its layer shapes, batch 32); below 4 MiB nothing more was gained. A GPU keeps the large
+# chunks (fewer kernel launches; not measured there since).
 _CONV_CHUNK_BYTES = 4 * 1024 * 1024
 
 
@@ -143,7 +144,7 @@ def conv_gram(x: Tensor, w: Tensor, b: Optional[Tensor], y: Tensor, stride=1, pa
     wa = w.detach().to(accum_dtype)
     ba = None if b is None else b.detach().to(accum_dtype)
     per_sample = (x[0].numel() * kh * kw + y[0].numel()) * torch.finfo(accum_dtype).bits // 8
-    step = max(1, _CONV_CHUNK_BYTES // max(per_sample, 1))
+    step = max(1, (_CONV_CHUNK_BYTES if dev.type == "cpu" else _CHUNK_BYTES) // max(per_sample, 1))
     count = 0
     for i in range(0, N, step):
         xc = x[i:i + step].detach().to(accum_dtype)
