@@ -162,3 +162,11 @@ def test_no_chain_leaves_the_model_and_says_so(tmp_path):
     assert outs[True].keys() == outs[False].keys()
     for k in outs[True]:
         np.testing.assert_array_equal(outs[True][k], outs[False][k])
+
+
+def test_fixed_batch_model(tmp_path):
+    """A model exported with batch 1 gets its calibration maxima and the check one sample at a time."""
+    path = export(Chain(relu6=True), torch.zeros(1, 3, 12, 12), tmp_path / "fixed.onnx", ["input"], ["out"])
+    res = quantize(str(path), tmp_path / "q.onnx", [{"input": _x()[i:i + 1]} for i in range(20)],
+                   QuantConfig(method="rtn", weight_bits=8, act_bits=0, cle=True, progress=False))
+    assert res.summary["cle"]["pairs"] == 2 and not res.summary["cle"].get("kept_original")

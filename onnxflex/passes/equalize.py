@@ -19,6 +19,7 @@ when they differ by more than float rounding (MIN_SQNR_DB). High-bias absorption
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Optional
 
@@ -162,7 +163,14 @@ def _clip_safe(s: np.ndarray, clip: onnx.NodeProto, graph: Graph, maxima: Option
     return step
 
 
-def clip_input_maxima(graph: Graph, chains: list, calibration, samples: int = 64, batch: int = 16) -> dict:
+def _feeds(calibration, samples: int, batch: int):
+    """Feed dicts of the first ``samples`` calibration samples (whole batches of a fixed-batch model)."""
+    fixed = calibration.static_batch
+    n = min(len(calibration.samples), samples if not fixed else max(fixed, samples // fixed * fixed))
+    return dataclasses.replace(calibration, samples=calibration.samples[:n]).batches(fixed or batch)
+
+
+def clip_input_maxima(graph: Graph, chains: list, calibration, samples: int = 64, batch: int = 8) -> dict:
     """{Clip node: per-channel max of its input} over the first calibration samples, from onnxruntime."""
     from ..graph import with_float_outputs
     from ..runtime.session import make_session
@@ -173,9 +181,8 @@ def clip_input_maxima(graph: Graph, chains: list, calibration, samples: int = 64
     names = list(clips)
     sess = make_session(with_float_outputs(graph.model, names), optimization="disable")
     maxima: dict = {}
-    chosen = calibration.samples[:samples]
-    for i in range(0, len(chosen), batch):
-        outs = sess.run(names, calibration.joined(chosen[i:i + batch]))
+    for feed in _feeds(calibration, samples, batch):
+        outs = sess.run(names, feed)
         for name, y in zip(names, outs):
             m = y.reshape(y.shape[0], y.shape[1], -1).max(axis=(0, 2))
             maxima[clips[name]] = m if clips[name] not in maxima else np.maximum(maxima[clips[name]], m)
@@ -253,10 +260,22 @@ class EqualizePass(Pass):
         """Output SQNR (dB) of the equalized model against the original on the first calibration samples."""
         from ..runtime.session import make_session
 
-        samples = ctx.calibration.samples[: self.check_samples]
-        feed = ctx.calibration.joined(samples)
-        ref = make_session(before, optimization="disable").run(None, feed)
-        got = make_session(after, optimization="disable").run(None, feed)
-        sig = sum(float(np.sum(np.square(r.astype(np.float64)))) for r in ref if r.dtype.kind == "f")
-        err = sum(float(np.sum(np.square(r.astype(np.float64) - g))) for r, g in zip(ref, got) if r.dtype.kind == "f")
-        return float("inf") if err == 0 else 10 * np.log10(sig / max(err, 1e-300))
+        ref, got = [], []
+        before_s = make_session(before, optimization="disable")
+        after_s = make_session(after, optimization="disable")
+        for feed in _feeds(ctx.calibration, self.check_samples, 8):
+            ref += before_s.run(None, feed)
+            got += after_s.run(None, feed)
+        sig = err = 0.0
+        for r, g in zip(ref, got):
+            if r.dtype.kind != "f":
+                if not np.array_equal(r, g):
+                    return float("-inf")
+                continue
+            fin = np.isfinite(r)
+            if not np.array_equal(fin, np.isfinite(g)):  # a NaN/inf the original does not have, or loses
+                return float("-inf")
+            r64 = r.astype(np.float64)[fin]
+            sig += float(np.sum(r64 * r64))
+            err += float(np.sum(np.square(r64 - g[fin])))
+        return float("inf") if err == 0 else 10 * np.log10(max(sig, 1e-300) / err)
