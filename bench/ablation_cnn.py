@@ -73,7 +73,7 @@ ROWS = {
     "rtn": (["--method", "rtn"], "round-to-nearest"),
     "w8a8": (["--weight-bits", "8"], "FlexRound W8A8"),
     "rtn-w8a8": (["--method", "rtn", "--weight-bits", "8"], "RTN W8A8"),
-    "cle": (["--cle"], "cross-layer equalization first (ReLU6 in chains -> Relu)"),
+    "cle": (["--cle"], "cross-layer equalization first (exact: a ReLU6 channel moves only while its clip stays exact)"),
     "cle-w8a8": (["--cle", "--weight-bits", "8"], "FlexRound W8A8 after CLE"),
     "w8a8-tensor": (["--weight-bits", "8", "--granularity", "tensor"], "FlexRound W8A8, per-tensor weight scales"),
     "cle-w8a8-tensor": (["--cle", "--weight-bits", "8", "--granularity", "tensor"], "per-tensor W8A8 after CLE"),

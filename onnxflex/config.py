@@ -56,8 +56,8 @@ class QuantConfig:
     quantize_act_matmul: bool = False  # activation x activation MatMul (attention) inputs
     quantize_residual: Optional[bool] = None  # Q/DQ on residual Add inputs; None = not in attention models
     exclude: list = field(default_factory=list)  # node names kept in FP32
-    # cross-layer equalization of Conv -> Relu/ReLU6 -> Conv chains before calibration (passes/equalize.py);
-    # a ReLU6 in a chain becomes a Relu, as in the DFQ paper, and the report says how much that changed
+    # cross-layer equalization of Conv -> Relu/ReLU6 -> Conv chains before calibration (passes/equalize.py),
+    # function-preserving (a ReLU6 channel moves only while its clip stays exact on the calibration data)
     cle: bool = False
     # ablation switches (bench/ablation_cnn.py): keep a region's RTN weights when its learned weights do
     # worse on the held-out calibration samples; learn only weights with enough calibration rows
