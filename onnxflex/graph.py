@@ -125,6 +125,19 @@ class Graph:
             self._arrays[name] = numpy_helper.to_array(self.initializers[name])
         return self._arrays[name]
 
+    def clip_bounds(self, node: onnx.NodeProto) -> tuple:
+        """(low, high) of a Clip: attributes before opset 11, constant inputs from 11; -inf / inf for an
+        absent bound, None for a bound computed at run time."""
+        attrs = {a.name: a.f for a in node.attribute if a.name in ("min", "max")}
+        bounds = []
+        for idx, key, absent in ((1, "min", float("-inf")), (2, "max", float("inf"))):
+            name = node.input[idx] if len(node.input) > idx else ""
+            if name:
+                bounds.append(float(self.array(name)) if self.is_constant(name) else None)
+            else:
+                bounds.append(float(attrs.get(key, absent)))
+        return tuple(bounds)
+
     def constants_for(self, nodes) -> dict[str, np.ndarray]:
         """Initializers read by these nodes."""
         return {i: self.array(i) for n in nodes for i in n.input if i in self.initializers}

@@ -83,10 +83,8 @@ def _clip_max(graph: Graph, node) -> float:
     """The upper bound of a Clip (attribute before opset 11, constant input from 11); inf for ReLU."""
     if node.op_type != "Clip":
         return float("inf")
-    hi = next((a.f for a in node.attribute if a.name == "max"), None)
-    if len(node.input) > 2 and node.input[2] and graph.is_constant(node.input[2]):
-        hi = float(graph.array(node.input[2]))
-    return float("inf") if hi is None else float(hi)
+    hi = graph.clip_bounds(node)[1]
+    return float("inf") if hi is None else hi
 
 
 def _after_clamps(graph: Graph, tensor: str) -> tuple[str, float]:

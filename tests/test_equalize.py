@@ -170,3 +170,24 @@ def test_fixed_batch_model(tmp_path):
     res = quantize(str(path), tmp_path / "q.onnx", [{"input": _x()[i:i + 1]} for i in range(20)],
                    QuantConfig(method="rtn", weight_bits=8, act_bits=0, cle=True, progress=False))
     assert res.summary["cle"]["pairs"] == 2 and not res.summary["cle"].get("kept_original")
+
+
+def test_clip_bounds_read_every_form():
+    """Graph.clip_bounds (shared with the targets' Q-range limit): attributes, constant inputs, absent and
+    run-time bounds."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("Clip", ["x", "lo", "hi"], ["a"], name="inputs"),
+             helper.make_node("Clip", ["a", "", "hi"], ["b"], name="no_min"),
+             helper.make_node("Clip", ["b", "x0"], ["c"], name="runtime_min")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2]),
+                                       helper.make_tensor_value_info("x0", TensorProto.FLOAT, [])],
+                          [helper.make_tensor_value_info("c", TensorProto.FLOAT, [2])],
+                          [numpy_helper.from_array(np.float32(0), "lo"), numpy_helper.from_array(np.float32(6), "hi")])
+    graph = Graph(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]))
+    by = graph.node_by_name
+    assert graph.clip_bounds(by["inputs"]) == (0.0, 6.0)
+    assert graph.clip_bounds(by["no_min"]) == (float("-inf"), 6.0)
+    assert graph.clip_bounds(by["runtime_min"]) == (None, float("inf"))
+    old = helper.make_node("Clip", ["x"], ["y"], name="v6", min=0.0, max=6.0)  # opset < 11 attributes
+    assert graph.clip_bounds(old) == (0.0, 6.0)

@@ -40,24 +40,6 @@ MARGIN = 1.25  # a ReLU6 channel's largest calibration pre-activation x this mus
 MIN_SQNR_DB = 60.0  # equalized vs original FP32 outputs: below this the change is more than rounding
 
 
-def _const(graph: Graph, name: str):
-    return graph.array(name) if name and graph.is_constant(name) else None
-
-
-def _relu6_bounds(graph: Graph, node: onnx.NodeProto):
-    """(low, high) of a Clip whose bounds are constants, else None."""
-    if node.op_type != "Clip":
-        return None
-    a = node_attrs(node)
-    if len(node.input) > 1 or "min" not in a:  # opset >= 11: bounds are inputs
-        lo = _const(graph, node.input[1]) if len(node.input) > 1 and node.input[1] else np.float32(-np.inf)
-        hi = _const(graph, node.input[2]) if len(node.input) > 2 and node.input[2] else np.float32(np.inf)
-        if lo is None or hi is None:
-            return None
-        return float(lo), float(hi)
-    return float(a.get("min", -np.inf)), float(a.get("max", np.inf))
-
-
 def _only_reader(graph: Graph, tensor: str):
     readers = graph.consumers.get(tensor, [])
     if len(readers) != 1 or tensor in graph.output_names:
@@ -102,8 +84,10 @@ def find_chains(graph: Graph, relu6: bool = True) -> list:
 
 
 def _is_relu6(graph: Graph, node: onnx.NodeProto) -> bool:
-    b = _relu6_bounds(graph, node)
-    return b is not None and b[0] == 0.0 and 0.0 < b[1] < np.inf
+    if node.op_type != "Clip":
+        return False
+    lo, hi = graph.clip_bounds(node)
+    return lo == 0.0 and hi is not None and 0.0 < hi < np.inf
 
 
 def equalize(graph: Graph, chains: list, maxima: Optional[dict] = None, sweeps: int = SWEEPS,
@@ -152,7 +136,7 @@ def _clip_safe(s: np.ndarray, clip: onnx.NodeProto, graph: Graph, maxima: Option
     m = maxima.get(clip.name) if maxima else None
     if m is None:
         return np.ones_like(s)
-    hi = _relu6_bounds(graph, clip)[1]
+    hi = graph.clip_bounds(clip)[1]
     S = total.get(clip.name, np.ones_like(s))
     peak = np.asarray(m, np.float32) * MARGIN
     free = peak <= hi
@@ -258,6 +242,7 @@ class EqualizePass(Pass):
 
     def change_db(self, before: onnx.ModelProto, after: onnx.ModelProto, ctx) -> float:
         """Output SQNR (dB) of the equalized model against the original on the first calibration samples."""
+        from ..runtime.metrics import sqnr_db
         from ..runtime.session import make_session
 
         ref, got = [], []
@@ -266,7 +251,7 @@ class EqualizePass(Pass):
         for feed in _feeds(ctx.calibration, self.check_samples, 8):
             ref += before_s.run(None, feed)
             got += after_s.run(None, feed)
-        sig = err = 0.0
+        want, have = [], []
         for r, g in zip(ref, got):
             if r.dtype.kind != "f":
                 if not np.array_equal(r, g):
@@ -275,7 +260,6 @@ class EqualizePass(Pass):
             fin = np.isfinite(r)
             if not np.array_equal(fin, np.isfinite(g)):  # a NaN/inf the original does not have, or loses
                 return float("-inf")
-            r64 = r.astype(np.float64)[fin]
-            sig += float(np.sum(r64 * r64))
-            err += float(np.sum(np.square(r64 - g[fin])))
-        return float("inf") if err == 0 else 10 * np.log10(max(sig, 1e-300) / err)
+            want.append(r[fin].ravel())
+            have.append(g[fin].ravel())
+        return sqnr_db(np.concatenate(want), np.concatenate(have)) if want else float("inf")

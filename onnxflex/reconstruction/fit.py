@@ -157,7 +157,9 @@ def gram_stats(graph: Graph, spec: WeightSpec, act, streams, y_lin: np.ndarray, 
     lin = streams.layout(node.output[0])
     stats, plain = [], None
 
-    def one(x, y, n):
+    def one(x, y, n, keep):
+        if keep is not None:  # only the real tokens' rows enter G, C and ||R||²
+            x = x[keep]
         if spec.op_type == "Conv":
             geo = conv_geometry(node, tuple(x.shape), tuple(w.shape))
             return gram_mod.conv_gram(x, w, b, y, **geo, accum_dtype=torch.float32)
@@ -173,12 +175,13 @@ def gram_stats(graph: Graph, spec: WeightSpec, act, streams, y_lin: np.ndarray, 
             x = act(x)
         y = to_torch(lin.take(y_lin, idx), device)
         m = None if streams.mask is None else token_weights(to_torch(streams.mask[idx], device), y)
-        keep = None if m is None else m.reshape(m.shape[:2]) > 0  # only the real tokens' rows enter G, C, ||R||²
-        stats.append(one(x if keep is None else x[keep], y if keep is None else y[keep], len(idx)))
+        keep = None if m is None else m.reshape(m.shape[:2]) > 0
+        if keep is not None:
+            y = y[keep]
+        stats.append(one(x, y, len(idx), keep))
         del x  # before the deployed input is made: one activation-sized buffer at a time
         if deployed and mixed:
-            xd = xq if act is None else act(xq)
-            st = one(xd if keep is None else xd[keep], y if keep is None else y[keep], len(idx))
+            st = one(xq if act is None else act(xq), y, len(idx), keep)
             plain = st if plain is None else plain + st
     if not deployed:
         return stats, None
