@@ -12,8 +12,9 @@ time and peak RSS are its own.
     python bench/llm.py [--model smollm2|qwen05] [--windows 128] [--seq-len 512] [--eval-windows 16]
                         [--rows ROW,ROW...] [--preset fast]
 
-Rows: fp32 | ort:default|hqq|gptq[:bBLOCK] | METHOD:wBITS[aBITS][:bBLOCK][:asym] (b0 = per channel; asym: a
-zero point per block, --asymmetric), e.g. flexround:w4:b128, flexround:w4:b128:asym, rtn:w3:b128, flexround:w8a8.
+Rows: fp32 | ort:default|hqq|gptq[:bBLOCK] | METHOD:wBITS[aBITS][:bBLOCK][:asym][:awq] (b0 = per channel; asym: a
+zero point per block, --asymmetric; awq: --awq, activation-aware scaling first), e.g. flexround:w4:b128,
+flexround:w4:b128:awq, rtn:w3:b128, flexround:w8a8.
 """
 from __future__ import annotations
 
@@ -86,7 +87,7 @@ def parse(row: str) -> dict:
     bits = parts[1].lstrip("w")
     w, a = (bits.split("a") + ["0"])[:2]
     return dict(kind="onnxflex", method=parts[0], bits=int(w), act=int(a or 0), block=block if int(a or 0) == 0 else 0,
-                asymmetric="asym" in parts[2:])
+                asymmetric="asym" in parts[2:], awq="awq" in parts[2:])
 
 
 def quantize_onnxflex(spec: dict, fp32: Path, calib: Path, tok: Path, out: Path, args) -> dict:
@@ -99,6 +100,8 @@ def quantize_onnxflex(spec: dict, fp32: Path, calib: Path, tok: Path, out: Path,
         cmd += ["--regions", args.regions]
     if spec["asymmetric"]:
         cmd += ["--asymmetric"]
+    if spec["awq"]:
+        cmd += ["--awq"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -236,7 +239,8 @@ def main() -> None:
             f"Lee corpus (fewer if it holds fewer). Evaluation: the first {args.eval_windows} windows x {args.seq_len} tokens "
             f"of the first 53 Wikipedia articles in gensim's dump. onnxflex preset `{args.preset}`, regions "
             f"`{args.regions or 'auto'}`, target `{args.target}`;"
-            f" symmetric weights unless the row says asym (HQQ is asymmetric by construction: it fits a zero point per "
+            f" symmetric weights unless the row says asym, activation-aware scaling (--awq) only where the row says awq"
+            f" (HQQ is asymmetric by construction: it fits a zero point per "
             f"block); onnxflex keeps the LM head at 8 bits (--first-last-bits), "
             f"onnxruntime's quantizers leave it in FP32; the embedding table is int8 per row in onnxflex's rows on "
             f"target ort-cpu, FP32 otherwise.\n"

@@ -19,13 +19,15 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
-from . import efficientnet_lite, efficientnet_lite1, minilm, paraphrase_minilm_l3, qwen, smollm2
+from . import efficientnet_lite, efficientnet_lite1, efficientnet_lite2, minilm, paraphrase_minilm_l3, qwen, smollm2
 
 MODELS: dict[str, tuple[Callable[..., str], dict]] = {
     "efficientnet_lite0": (efficientnet_lite.build_efficientnet_lite0,
                            efficientnet_lite.PREPROCESS),
     "efficientnet_lite1": (efficientnet_lite1.build_efficientnet_lite1,
                            efficientnet_lite1.PREPROCESS),
+    "efficientnet_lite2": (efficientnet_lite2.build_efficientnet_lite2,
+                           efficientnet_lite2.PREPROCESS),
     "minilm": (minilm.build_minilm, minilm.PREPROCESS),
     "paraphrase_minilm_l3": (paraphrase_minilm_l3.build_paraphrase_minilm_l3, minilm.PREPROCESS),
     # decoder LLM: model.onnx (input_ids, attention_mask -> logits) + tokenizer.json beside it
@@ -38,7 +40,7 @@ MODELS: dict[str, tuple[Callable[..., str], dict]] = {
 }
 
 # Image models whose output is ImageNet-1k logits (evaluable with --eval).
-IMAGE_MODELS = ("efficientnet_lite0", "efficientnet_lite1")
+IMAGE_MODELS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 
 # shared/ sits beside the repository checkout.
 SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"

@@ -58,6 +58,7 @@ def resolve_device(requested: str) -> str:
 def pipeline():
     """The passes of one quantization run, in order."""
     from .passes.analyze import AnalyzePass
+    from .passes.awq_scale import ActivationScalePass
     from .passes.base import Sequential
     from .passes.calibrate import CalibratePass
     from .passes.check import CheckPass
@@ -70,7 +71,8 @@ def pipeline():
     from .passes.select import SelectPass
     from .passes.validate import ValidatePass
 
-    return Sequential(PreparePass(), LoadCalibrationPass(), EqualizePass(), AnalyzePass(), SelectPass(), PartitionPass(),
+    return Sequential(PreparePass(), LoadCalibrationPass(), EqualizePass(), ActivationScalePass(),
+                      AnalyzePass(), SelectPass(), PartitionPass(),
                       CalibratePass(), ReconstructPass(), QDQPass(), ValidatePass(), CheckPass())
 
 

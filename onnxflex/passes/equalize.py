@@ -19,17 +19,16 @@ when they differ by more than float rounding (MIN_SQNR_DB). High-bias absorption
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Optional
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from ..graph import Graph
 from ..lift.ops import node_attrs
 from .base import Pass
+from .function_check import MIN_SQNR_DB, calibration_feeds, function_change_db, with_initializers
 
 log = logging.getLogger("onnxflex")
 
@@ -37,7 +36,6 @@ HOMOGENEOUS = {"Relu", "LeakyRelu"}  # f(x / s) = f(x) / s for s > 0
 SWEEPS = 20  # DFQ's alternating sweeps; EfficientNet-Lite's chains settle in well under 20
 SCALE_LIMITS = (1e-3, 1e3)  # a dead or exploding channel is not rescaled further than this
 MARGIN = 1.25  # a ReLU6 channel's largest calibration pre-activation x this must stay inside the clip
-MIN_SQNR_DB = 60.0  # equalized vs original FP32 outputs: below this the change is more than rounding
 
 
 def _only_reader(graph: Graph, tensor: str):
@@ -147,13 +145,6 @@ def _clip_safe(s: np.ndarray, clip: onnx.NodeProto, graph: Graph, maxima: Option
     return step
 
 
-def _feeds(calibration, samples: int, batch: int):
-    """Feed dicts of the first ``samples`` calibration samples (whole batches of a fixed-batch model)."""
-    fixed = calibration.static_batch
-    n = min(len(calibration.samples), samples if not fixed else max(fixed, samples // fixed * fixed))
-    return dataclasses.replace(calibration, samples=calibration.samples[:n]).batches(fixed or batch)
-
-
 def clip_input_maxima(graph: Graph, chains: list, calibration, samples: int = 64, batch: int = 8) -> dict:
     """{Clip node: per-channel max of its input} over the first calibration samples, from onnxruntime."""
     from ..graph import with_float_outputs
@@ -165,7 +156,7 @@ def clip_input_maxima(graph: Graph, chains: list, calibration, samples: int = 64
     names = list(clips)
     sess = make_session(with_float_outputs(graph.model, names), optimization="disable")
     maxima: dict = {}
-    for feed in _feeds(calibration, samples, batch):
+    for feed in calibration_feeds(calibration, samples, batch):
         outs = sess.run(names, feed)
         for name, y in zip(names, outs):
             m = y.reshape(y.shape[0], y.shape[1], -1).max(axis=(0, 2))
@@ -177,12 +168,7 @@ def equalized_model(graph: Graph, chains: Optional[list] = None, maxima: Optiona
     """The equalized copy of graph.model (graph is not modified)."""
     chains = find_chains(graph) if chains is None else chains
     arrays = equalize(graph, chains, maxima)
-    model = onnx.ModelProto()
-    model.CopyFrom(graph.model)
-    inits = {t.name: t for t in model.graph.initializer}
-    for name, arr in arrays.items():
-        inits[name].CopyFrom(numpy_helper.from_array(arr.astype(graph.array(name).dtype), name))
-    return model
+    return with_initializers(graph.model, arrays)
 
 
 def weight_spread(graph: Graph, chains: list, arrays: Optional[dict] = None) -> float:
@@ -222,7 +208,7 @@ class EqualizePass(Pass):
         maxima = clip_input_maxima(graph, chains, ctx.calibration, self.samples)
         model = equalized_model(graph, chains, maxima)
         after = Graph(model)
-        sqnr = self.change_db(graph.model, model, ctx)
+        sqnr = function_change_db(graph.model, model, ctx.calibration, self.check_samples)
         info = dict(pairs=len(chains), clip_pairs=clips, fp32_change_sqnr_db=round(sqnr, 1) if np.isfinite(sqnr) else None,
                     spread_before=round(weight_spread(graph, chains), 3), spread_after=round(weight_spread(after, chains), 3))
         if sqnr < MIN_SQNR_DB:
@@ -239,27 +225,3 @@ class EqualizePass(Pass):
         log.info(msg)
         ctx.fp_model = model
         return after
-
-    def change_db(self, before: onnx.ModelProto, after: onnx.ModelProto, ctx) -> float:
-        """Output SQNR (dB) of the equalized model against the original on the first calibration samples."""
-        from ..runtime.metrics import sqnr_db
-        from ..runtime.session import make_session
-
-        ref, got = [], []
-        before_s = make_session(before, optimization="disable")
-        after_s = make_session(after, optimization="disable")
-        for feed in _feeds(ctx.calibration, self.check_samples, 8):
-            ref += before_s.run(None, feed)
-            got += after_s.run(None, feed)
-        want, have = [], []
-        for r, g in zip(ref, got):
-            if r.dtype.kind != "f":
-                if not np.array_equal(r, g):
-                    return float("-inf")
-                continue
-            fin = np.isfinite(r)
-            if not np.array_equal(fin, np.isfinite(g)):  # a NaN/inf the original does not have, or loses
-                return float("-inf")
-            want.append(r[fin].ravel())
-            have.append(g[fin].ravel())
-        return sqnr_db(np.concatenate(want), np.concatenate(have)) if want else float("inf")

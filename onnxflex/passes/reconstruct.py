@@ -122,10 +122,7 @@ class ReconstructPass(Pass):
         act_modules.update({t: act_modules[p.same_as] for t, p in ctx.act_points.items() if p.same_as})
         # a point that shares another's qparams is learned where that one is
         owners = act_owner(ctx.regions, {t: p for t, p in ctx.act_points.items() if not p.same_as})
-        ws = graph.weighted_nodes()
-        # kept at --first-last-bits: a CNN's first conv and classifier; a decoder's LM head only (its first
-        # weighted op is an ordinary q projection)
-        first_last = set() if not ws else {ws[-1].node} if ctx.traits.decoder else {ws[0].node, ws[-1].node}
+        first_last = graph.first_last_nodes(ctx.traits.decoder)
         ctx.weight_results, ctx.region_reports = {}, []
         read_later = later_inputs(ctx.regions)
         bar = progress_bar(total=len(ctx.regions), desc="regions", unit="region", enable=cfg.progress)
