@@ -13,8 +13,8 @@ that is exact and costs nothing at run time:
 
 s = m^alpha / sqrt(max * min) with m the mean |x| per channel on calibration data, and alpha per group
 from 0, 0.05, .., 1 by the group's weight-rounding error on its outputs, measured exactly through the
-Gram matrix G = X^T X: sum_i tr(D_i^T G D_i), D_i = W_i - diag(1/s) Q(diag(s) W_i), Q the run's RTN grid
-(bits, block size, symmetry). alpha = 0 (s = 1, nothing changes) is on that grid, so no group is
+Gram matrix G = X^T X: sum_i tr(D_i^T G D_i), D_i = W_i - diag(1/s) Q(diag(s) W_i), Q the run's RTN
+grid (bits, block size, symmetry) with unclipped scales. alpha = 0 (s = 1, nothing changes) is on that grid, so no group is
 scaled to a larger error than it had. The learned rounding then starts from the scaled weights.
 
 The rewritten model is checked against the original on calibration samples (function_check); a
