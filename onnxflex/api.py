@@ -71,8 +71,8 @@ def pipeline():
     from .passes.select import SelectPass
     from .passes.validate import ValidatePass
 
-    return Sequential(PreparePass(), LoadCalibrationPass(), EqualizePass(), ActivationScalePass(),
-                      AnalyzePass(), SelectPass(), PartitionPass(),
+    return Sequential(PreparePass(), LoadCalibrationPass(), EqualizePass(), AnalyzePass(), ActivationScalePass(),
+                      SelectPass(), PartitionPass(),
                       CalibratePass(), ReconstructPass(), QDQPass(), ValidatePass(), CheckPass())
 
 

@@ -5,6 +5,8 @@ source of truth (mutating passes rebuild the view).
 """
 from __future__ import annotations
 
+import contextlib
+
 import os
 import tempfile
 from dataclasses import dataclass
@@ -138,6 +140,10 @@ class Graph:
                 bounds.append(float(attrs.get(key, absent)))
         return tuple(bounds)
 
+    def is_private_constant(self, name: str) -> bool:
+        """A constant that exactly one node reads (rescaling it in place changes nothing else)."""
+        return self.is_constant(name) and len(self.consumers.get(name, [])) == 1
+
     def constants_for(self, nodes) -> dict[str, np.ndarray]:
         """Initializers read by these nodes."""
         return {i: self.array(i) for n in nodes for i in n.input if i in self.initializers}
@@ -187,6 +193,21 @@ def model_input_specs(model: onnx.ModelProto) -> dict:
                 for d in tt.shape.dim] if tt.HasField("shape") else None  # None: rank unknown (not a scalar)
         specs[i.name] = (dims, onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
     return specs
+
+
+@contextlib.contextmanager
+def float_outputs_exposed(model: onnx.ModelProto, names):
+    """``model`` itself, with these intermediate float tensors added as outputs until the block ends
+    (create the onnxruntime session inside it): :func:`with_float_outputs` without a copy of every weight."""
+    outputs = model.graph.output
+    have = {o.name for o in outputs}
+    extra = [n for n in dict.fromkeys(names) if n not in have]
+    outputs.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in extra)
+    try:
+        yield model
+    finally:
+        for _ in extra:
+            outputs.pop()
 
 
 def with_float_outputs(model: onnx.ModelProto, names) -> onnx.ModelProto:

@@ -28,10 +28,10 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import numpy_helper
 
-from ..calib.windows import is_decoder, proto_io_specs
-from ..graph import Graph
+from ..graph import Graph, float_outputs_exposed
+from ..traits import SHAPE_OPS
 from .base import Pass
 from .function_check import MIN_SQNR_DB, calibration_feeds, model_outputs, outputs_change_db
 
@@ -58,13 +58,9 @@ class ScaleGroup:
     scales: Optional[np.ndarray] = field(default=None, repr=False)
 
 
-def _own_constant(graph: Graph, name: str) -> bool:
-    return graph.is_constant(name) and len(graph.consumers.get(name, [])) == 1
-
-
 def _value_readers(graph: Graph, tensor: str) -> list:
-    """Readers of tensor's values (Shape only reads its shape, which scaling keeps)."""
-    return [r for r in graph.consumers.get(tensor, []) if r.op_type != "Shape"]
+    """Readers of tensor's values (Shape and Size read only its shape, which scaling keeps)."""
+    return [r for r in graph.consumers.get(tensor, []) if r.op_type not in SHAPE_OPS]
 
 
 def _matmul_weight(graph: Graph, node, tensor: str) -> Optional[str]:
@@ -72,7 +68,7 @@ def _matmul_weight(graph: Graph, node, tensor: str) -> Optional[str]:
     if node.op_type != "MatMul" or node.input[0] != tensor or node.input[1] == tensor:
         return None
     w = node.input[1]
-    if not _own_constant(graph, w) or len(graph.initializers[w].dims) != 2:
+    if not graph.is_private_constant(w) or len(graph.initializers[w].dims) != 2:
         return None
     return w
 
@@ -120,15 +116,8 @@ def group_statistics(graph: Graph, groups: list, calibration, samples: int) -> d
     from ..runtime.session import make_session
 
     names = [g.tensor for g in groups]
-    outputs = graph.model.graph.output
-    have = {o.name for o in outputs}
-    extra = [n for n in names if n not in have]
-    outputs.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in extra)
-    try:  # exposed on the model itself for the session's creation: a copy would hold every weight twice
-        sess = make_session(graph.model, optimization="disable", arena=False)
-    finally:
-        for _ in extra:
-            outputs.pop()
+    with float_outputs_exposed(graph.model, names) as model:  # a copy would hold every weight twice
+        sess = make_session(model, optimization="disable", arena=False)
     gram = {n: torch.zeros(g.channels, g.channels, dtype=torch.float64) for n, g in zip(names, groups)}
     total = {n: torch.zeros(g.channels, dtype=torch.float64) for n, g in zip(names, groups)}
     rows = 0
@@ -200,7 +189,7 @@ def rescale_in_place(graph: Graph, groups: list) -> Callable:
         if g.scales is None or g.alpha == 0.0:
             continue
         s = g.scales
-        if g.kind == "gain" and _own_constant(graph, g.source):
+        if g.kind == "gain" and graph.is_private_constant(g.source):
             scale(rows, g.source, 1.0 / s)
         elif g.kind == "gain":
             src = graph.array(g.source)
@@ -260,7 +249,7 @@ class ActivationScalePass(Pass):
             ctx.notes.append("--awq: no MatMul input with a gain or an up projection to take the scales; "
                              "the model is unchanged")
             return graph
-        wide = graph.first_last_nodes(is_decoder(*proto_io_specs(graph.model))) if cfg.first_last_bits else set()
+        wide = graph.first_last_nodes(ctx.traits.decoder) if cfg.first_last_bits else set()
         grids = {}
         for bits in {cfg.weight_bits, max(cfg.first_last_bits or 0, cfg.weight_bits)}:
             grids[bits] = rtn_quantizer(bits, cfg.block_size, ctx.target.weight_grid(cfg.act_bits, bits, cfg.asymmetric))

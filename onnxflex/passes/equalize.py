@@ -47,9 +47,7 @@ def _only_reader(graph: Graph, tensor: str):
 
 def _own_weight(graph: Graph, node: onnx.NodeProto, idx: int) -> bool:
     """The node's constant input idx exists and no other node reads it (a shared weight is left alone)."""
-    if len(node.input) <= idx or not graph.is_constant(node.input[idx]):
-        return False
-    return len(graph.consumers.get(node.input[idx], [])) == 1
+    return len(node.input) > idx and graph.is_private_constant(node.input[idx])
 
 
 def find_chains(graph: Graph, relu6: bool = True) -> list:
