@@ -98,6 +98,8 @@ def quantize_onnxflex(spec: dict, fp32: Path, calib: Path, tok: Path, out: Path,
            "--preset", args.preset, "--target", args.target, "--report", str(report), "-q"]
     if args.regions:
         cmd += ["--regions", args.regions]
+    if args.device:
+        cmd += ["--device", args.device]
     if spec["asymmetric"]:
         cmd += ["--asymmetric"]
     if spec["awq"]:
@@ -108,7 +110,9 @@ def quantize_onnxflex(spec: dict, fp32: Path, calib: Path, tok: Path, out: Path,
     if proc.returncode != 0:
         return dict(error=(proc.stderr or proc.stdout)[-2000:])
     s = json.loads(report.read_text())["summary"]
-    return dict(seconds=wall, peak_rss_mb=s.get("peak_rss_mb"), notes=s.get("notes"))
+    return dict(seconds=wall, peak_rss_mb=s.get("peak_rss_mb"), notes=s.get("notes"), device=s.get("device"),
+                regions=s.get("region_mode"), gpu_peak_mb=s.get("gpu_peak_mb"),
+                reconstruct_s=(s.get("pass_seconds") or {}).get("reconstruct"))
 
 
 def quantize_ort(spec: dict, fp32: Path, calib: Path, tok: Path, out: Path, args) -> dict:
@@ -192,6 +196,15 @@ def prefill_speed(model: Path, seq_len: int, repeats: int = 3) -> float:
     return seq_len * repeats / (time.perf_counter() - t0)
 
 
+def gpu_name(rows: list) -> str:
+    """The GPU a row's reconstruction ran on, for the table's machine line."""
+    if not any(r.get("device") == "cuda" for r in rows):
+        return ""
+    import torch
+
+    return f"; reconstruction on {torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default=DEFAULT_ROWS)
@@ -200,6 +213,7 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=16, help="evaluation windows (16 x 511 = 8176 tokens scored)")
     ap.add_argument("--preset", default="fast")
     ap.add_argument("--regions", default=None, help="onnxflex --regions (default: auto)")
+    ap.add_argument("--device", default=None, help="onnxflex --device (default: auto, the GPU where torch sees one)")
     ap.add_argument("--target", default="ort-cpu", help="onnxflex --target: ort-cpu (signed per-block scales on the "
                     "full int4 grid) or tensorrt (scales > 0)")
     ap.add_argument("--work", default=str(ROOT / "artifacts" / "bench" / "llm"))
@@ -235,7 +249,8 @@ def main() -> None:
         rows.append(res)
 
     head = (f"# {MODELS[args.model][0]}: weight-only quantization, perplexity\n\n"
-            f"Machine: {machine()} ({cpu_flags()}). Calibration: {args.windows} windows x {args.seq_len} tokens of gensim's "
+            f"Machine: {machine()} ({cpu_flags()}){gpu_name(rows)}. "
+            f"Calibration: {args.windows} windows x {args.seq_len} tokens of gensim's "
             f"Lee corpus (fewer if it holds fewer). Evaluation: the first {args.eval_windows} windows x {args.seq_len} tokens "
             f"of the first 53 Wikipedia articles in gensim's dump. onnxflex preset `{args.preset}`, regions "
             f"`{args.regions or 'auto'}`, target `{args.target}`;"
@@ -248,16 +263,20 @@ def main() -> None:
             f"ppl exact: optimisations off. tok/s: one {args.seq_len}-token window, batch 1, default optimisation.\n\n"
             f"    python bench/llm.py --model {args.model} --windows {args.windows} --seq-len {args.seq_len} "
             f"--eval-windows {args.eval_windows} "
-            f"--preset {args.preset} --target {args.target} --rows {args.rows}\n\n")
-    table = ["| row | ppl | vs FP32 | ppl exact | quant time (s) | peak RSS (MB) | size (MB) | tok/s |",
-             "|---|---|---|---|---|---|---|---|"]
+            f"--preset {args.preset} --target {args.target}{' --regions ' + args.regions if args.regions else ''}"
+            f"{' --device ' + args.device if args.device else ''} --rows {args.rows}\n\n")
+    table = ["| row | ppl | vs FP32 | ppl exact | quant time (s) | regions, device | GPU peak (MB) | peak RSS (MB) "
+             "| size (MB) | tok/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            table.append(f"| {r['row']} | failed: `{r['error'][-200:].strip().splitlines()[-1]}` | | | | | | |")
+            table.append(f"| {r['row']} | failed: `{r['error'][-200:].strip().splitlines()[-1]}` | | | | | | | | |")
             continue
         rel = (r["ppl"] / fp_ppl - 1) * 100 if fp_ppl else None
+        where = f"{r['regions']}, {r['device']}" if r.get("device") else "-"
         table.append(f"| {r['row']} | {r['ppl']:.3f} | {fmt(rel, '+.1f')}% | {r['ppl_exact']:.3f} | {fmt(r.get('seconds'), '.0f')} | "
-                     f"{fmt(r.get('peak_rss_mb'), '.0f')} | {r['size_mb']:.1f} | {r['tokens_per_s']:.0f} |")
+                     f"{where} | {fmt(r.get('gpu_peak_mb'), '.0f')} | {fmt(r.get('peak_rss_mb'), '.0f')} | {r['size_mb']:.1f} | "
+                     f"{r['tokens_per_s']:.0f} |")
     save_results(args.name, head, table, args, rows)
 
 

@@ -114,15 +114,16 @@ class Batching:
 
 
 def _probe_outputs(model: onnx.ModelProto, graph: Graph) -> list:
-    """ValueInfoProtos for the model's outputs and every intermediate whose type shape inference knows."""
-    outs = list(model.graph.output)
-    have = {o.name for o in outs}
+    """ValueInfoProtos for the model's outputs and every intermediate whose type shape inference knows,
+    in the order the graph computes them (so each probe group needs only a prefix of the graph)."""
+    model_outputs = {o.name: o for o in model.graph.output}
+    outs, have = [], set()
     for n in graph.nodes:
         for t in n.output:
-            if t and t not in have and graph.elem_types.get(t):
-                outs.append(onnx.helper.make_tensor_value_info(t, graph.elem_types[t], None))
+            if t and t not in have and (t in model_outputs or graph.elem_types.get(t)):
+                outs.append(model_outputs.get(t) or onnx.helper.make_tensor_value_info(t, graph.elem_types[t], None))
                 have.add(t)
-    return outs
+    return outs + [o for name, o in model_outputs.items() if name not in have]  # graph inputs or initializers
 
 
 DIGEST = 4096  # elements of a probed tensor kept to tell a shared tensor from a per-sample one
@@ -184,7 +185,8 @@ def probe(model: onnx.ModelProto, feed_one: dict, feed_two: Optional[dict], inpu
     onnxruntime computes every node on every run and keeps every graph output of the run alive, so a
     graph exposing all its intermediates held all of them at once (SmolLM2, 512 tokens: 8.3 GB peak).
     The intermediates are therefore fetched in groups of about PROBE_BYTES, each group its own session
-    (the weights shared, not copied: runtime.session.SharedWeights), both runs per session. The
+    (the weights shared, not copied: runtime.session.SharedWeights) holding only the nodes the group
+    needs, both runs per session; groups follow the graph's order, so the early ones run a short prefix. The
     sessions have symbolic batch dims; only when that breaks the graph on one unit is the model probed
     as exported, one unit at a time."""
     from .runtime.session import SharedWeights
@@ -201,7 +203,7 @@ def probe(model: onnx.ModelProto, feed_one: dict, feed_two: Optional[dict], inpu
         group = outputs[start:start + count]
         names = [o.name for o in group]
         try:
-            sess = weights.session(group, batch_axes=axes, arena=False)
+            sess = weights.session(group, batch_axes=axes, prune=True, arena=False)
             fetched = _fetch(sess, names, feed_one, one)
         except Exception:  # noqa: BLE001 - symbolic batch dims break this graph: probe it as exported
             if axes is None:

@@ -302,3 +302,25 @@ def test_probe_in_small_groups_reads_the_same_layouts(monkeypatch, fixed):
     assert len(sessions) >= 3  # x, c, t, y: one session per tensor
     assert grouped.layouts == whole.layouts and grouped.shapes == whole.shapes
     assert grouped.locked_unit == whole.locked_unit == (1 if fixed else None)
+
+
+def test_pruned_probe_session_holds_only_what_its_outputs_need():
+    """A probe group's session keeps only the nodes (and weights) its outputs depend on, so the early
+    groups run a prefix of the graph; the values fetched are the same as from the whole graph."""
+    from onnxflex.runtime.session import SharedWeights, needed_nodes
+
+    rng = np.random.default_rng(0)
+    w1, w2 = (helper.make_tensor(n, TensorProto.FLOAT, [4, 4], rng.normal(size=16).astype(np.float32)) for n in ("w1", "w2"))
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["a"], name="m1"), helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["x", "w2"], ["b"], name="m2"), helper.make_node("Add", ["r", "b"], ["y"], name="add")]
+    vi = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, None)  # noqa: E731
+    model = helper.make_model(helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                                                [vi("y")], initializer=[w1, w2]), opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    assert [n.name for n in needed_nodes(model.graph, {"r"})] == ["m1", "relu"]
+    assert [n.name for n in needed_nodes(model.graph, {"y"})] == ["m1", "relu", "m2", "add"]
+    weights = SharedWeights(model)
+    x = rng.normal(size=(3, 4)).astype(np.float32)
+    pruned = weights.session([vi("r")], prune=True)
+    whole = weights.session([vi("r"), vi("y")])
+    np.testing.assert_array_equal(pruned.run(["r"], {"x": x})[0], whole.run(["r"], {"x": x})[0])

@@ -278,6 +278,25 @@ def test_constant_nodes_become_initializers():
     _assert_same(m, out)
 
 
+def test_optimiser_runs_without_slices_split_and_its_rules_are_restored(monkeypatch):
+    """SlicesSplit (two half Slices -> Split) matches in time quadratic in the graph (64 s of SmolLM2's
+    75 s optimisation, no rewrite) and is left out while onnxscript optimises; its rule list is the same
+    object afterwards."""
+    import onnxscript.optimizer as oso
+    import onnxscript.rewriter as rewriter
+
+    rules = rewriter._DEFAULT_REWRITE_RULES
+    assert any(r.name == "SlicesSplit" for r in rules)  # the rule this pass leaves out still exists
+    seen, real = [], oso.optimize_ir
+    monkeypatch.setattr(oso, "optimize_ir", lambda *a, **k: seen.append([r.name for r in rewriter._DEFAULT_REWRITE_RULES])
+                        or real(*a, **k))
+    m = _conv_bn_model()
+    out = PreparePass().prepare(m)
+    assert len(seen) == 1 and "SlicesSplit" not in seen[0] and len(seen[0]) == len(rules) - 1
+    assert rewriter._DEFAULT_REWRITE_RULES is rules
+    _assert_same(m, out, batch=3)
+
+
 def test_bn_folded_identity_dropout_removed_and_input_untouched():
     m = _conv_bn_model()
     before = m.SerializeToString()

@@ -8,6 +8,7 @@ default-domain opset >= 13 (per-channel QDQ) and an IR version onnxruntime accep
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -34,6 +35,28 @@ logger = logging.getLogger(__name__)
 # subgraphs such as Cast(fp16 weight) or Transpose(weight) unfolded, and weights must end
 # up as initializers. Output growth is still bounded by onnxscript's output limit.
 _FOLD_INPUT_SIZE_LIMIT = 1 << 40
+# onnxscript rewrite rules left out: SlicesSplit (two Slices of one tensor -> a Split) matches a two-node
+# pattern by scanning the graph for every candidate, so its cost grows with the square of the graph:
+# 64 s of the 75 s optimisation of SmolLM2 (13k nodes), with no rewrite. A Split changes nothing onnxflex
+# quantizes.
+_SKIPPED_REWRITES = frozenset({"SlicesSplit"})
+
+
+@contextlib.contextmanager
+def _default_rewrites_without(names: frozenset):
+    """onnxscript's optimiser with its default rewrite rules less ``names`` (it takes no rule list,
+    so its module-level default is swapped for the call and restored after)."""
+    import onnxscript.rewriter as rewriter
+
+    rules = getattr(rewriter, "_DEFAULT_REWRITE_RULES", None)
+    if rules is None:  # another onnxscript layout: keep its defaults
+        yield
+        return
+    rewriter._DEFAULT_REWRITE_RULES = tuple(r for r in rules if getattr(r, "name", None) not in names)
+    try:
+        yield
+    finally:
+        rewriter._DEFAULT_REWRITE_RULES = rules
 
 
 # --------------------------------------------------------------------------- loading
@@ -379,7 +402,8 @@ class PreparePass(Pass):
             import onnxscript.optimizer as oso
 
             try:
-                oso.optimize_ir(irm, input_size_limit=_FOLD_INPUT_SIZE_LIMIT)
+                with _default_rewrites_without(_SKIPPED_REWRITES):
+                    oso.optimize_ir(irm, input_size_limit=_FOLD_INPUT_SIZE_LIMIT)
             except Exception as exc:  # noqa: BLE001 - report which model broke the optimiser
                 raise OnnxflexError(
                     f"graph optimisation (onnxscript) failed: {_short(exc)}; check that the "

@@ -348,23 +348,49 @@ class SharedWeights:
         self.values = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(numpy_helper.to_array(t)))
                        for name, t in weights.items()}
 
-    def session(self, outputs: Sequence | None = None, batch_axes: dict | None = None, **kwargs) -> ort.InferenceSession:
+    def session(self, outputs: Sequence | None = None, batch_axes: dict | None = None, prune: bool = False,
+                **kwargs) -> ort.InferenceSession:
         """A session on the skeleton whose graph outputs are ``outputs`` (ValueInfoProtos; None keeps
-        the model's) and whose inputs have a symbolic dim on ``batch_axes`` {input: axis}."""
+        the model's) and whose inputs have a symbolic dim on ``batch_axes`` {input: axis}. ``prune``:
+        the graph keeps only the nodes those outputs depend on (onnxruntime would run them all)."""
         m = onnx.ModelProto()
         m.CopyFrom(self.skeleton)
         if outputs is not None:
             del m.graph.output[:]
             m.graph.output.extend(outputs)
+        values = self.values
+        if outputs is not None and prune:
+            from ..graph import reads
+
+            keep = needed_nodes(m.graph, {o.name for o in outputs})
+            used = {t for n in keep for t in reads(n)} | {o.name for o in outputs}
+            del m.graph.node[:]
+            m.graph.node.extend(keep)
+            inits = [t for t in m.graph.initializer if t.name in used]  # onnxruntime drops unused ones
+            del m.graph.initializer[:]
+            m.graph.initializer.extend(inits)
+            values = {k: v for k, v in values.items() if k in used}
         for vi in m.graph.input:
             axis = (batch_axes or {}).get(vi.name)
             dims = vi.type.tensor_type.shape.dim
             if axis is not None and vi.type.tensor_type.HasField("shape") and axis < len(dims):
                 dims[axis].Clear()
                 dims[axis].dim_param = "onnxflex_batch"
-        sess = make_session(m, initializers=self.values, **kwargs)
+        sess = make_session(m, initializers=values, **kwargs)
         sess._onnxflex_weights = self.values  # the arrays must outlive the session
         return sess
+
+
+def needed_nodes(graph: onnx.GraphProto, outputs: set) -> list:
+    """The nodes of ``graph`` that ``outputs`` depend on, in graph order (copies)."""
+    from ..graph import reads
+
+    need, keep = set(outputs), []
+    for n in reversed(graph.node):
+        if any(o in need for o in n.output):
+            keep.append(onnx.NodeProto.FromString(n.SerializeToString()))
+            need.update(reads(n))
+    return keep[::-1]
 
 
 def input_specs(session: ort.InferenceSession) -> dict[str, tuple[list, np.dtype]]:
