@@ -30,16 +30,12 @@ sys.path.insert(0, str(ROOT))
 from bench.common import machine, ort_quantize_static, run_quantize, save_results  # noqa: E402
 from bench.flexround_imagenet import pp_flags, preprocess_for  # noqa: E402
 from models.build import IMAGENET_SAMPLE, MODELS  # noqa: E402
+from onnxflex.runtime.cpu import describe_cpu  # noqa: E402
 
 DEFAULT_ROWS = "fp32,ort:S8S8,ort:U8S8,rtn:ort-cpu,flexround:ort-cpu,flexround:tensorrt"
 INT_KERNELS = ("QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "QLinearGlobalAveragePool", "MatMulInteger",
                "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QLinearMul", "QAttention", "ConvInteger")
 TEXT_LEN = 128
-
-
-def cpu_flags() -> str:
-    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
-    return ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni"))
 
 
 def session(path: str, threads: int = 2):
@@ -216,7 +212,7 @@ def main():
 
     head = (f"# {args.model}: deployed on onnxruntime CPU (default optimisation level)\n\n"
             f"- onnxruntime {onnxruntime.__version__}, CPUExecutionProvider, ORT_ENABLE_ALL, 2 intra-op threads; "
-            f"machine: {machine()}; CPU flags: {cpu_flags()}\n"
+            f"machine: {machine()}; CPU flags: {describe_cpu()}\n"
             f"- W8A8 everywhere; onnxflex preset {args.preset}; ort = onnxruntime.quantization.quantize_static "
             f"(QDQ, per-channel int8 weights, S8S8 = int8 activations, U8S8 = uint8 activations)\n"
             f"- latency: median of {args.runs} interleaved runs after warm-up"

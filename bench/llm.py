@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import fmt, machine, save_results  # noqa: E402
-from bench.deploy import cpu_flags  # noqa: E402
+from onnxflex.runtime.cpu import describe_cpu  # noqa: E402
 
 DEFAULT_ROWS = ("fp32,ort:default:b128,ort:hqq:b128,ort:gptq:b128,"
                 "rtn:w4:b128,adaround:w4:b128,flexround:w4:b128,"
@@ -249,7 +249,7 @@ def main() -> None:
         rows.append(res)
 
     head = (f"# {MODELS[args.model][0]}: weight-only quantization, perplexity\n\n"
-            f"Machine: {machine()} ({cpu_flags()}){gpu_name(rows)}. "
+            f"Machine: {machine()} ({describe_cpu()}){gpu_name(rows)}. "
             f"Calibration: {args.windows} windows x {args.seq_len} tokens of gensim's "
             f"Lee corpus (fewer if it holds fewer). Evaluation: the first {args.eval_windows} windows x {args.seq_len} tokens "
             f"of the first 53 Wikipedia articles in gensim's dump. onnxflex preset `{args.preset}`, regions "

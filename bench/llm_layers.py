@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import machine, save_results  # noqa: E402
-from bench.deploy import cpu_flags  # noqa: E402
+from onnxflex.runtime.cpu import describe_cpu  # noqa: E402
 
 LINEARS = ("self_attn/q_proj", "self_attn/o_proj", "mlp/gate_proj", "mlp/down_proj")
 DEFAULT_ROWS = "rtn,gptq,fr:3e-3:200,fr:3e-3:1000:0.3,gfr:3e-3:200"
@@ -145,7 +145,7 @@ def main():
     mean = {r: float(np.mean([res[r]["held"] for res in results])) for r in rows}
     lines.append("| **mean held-out** | " + " | ".join(f"**{mean[r]:.2f}**" for r in rows) + " |")
     head = (f"# SmolLM2-135M, one linear at a time: INT4 block 128 (signed grid), output SQNR dB\n\n"
-            f"Machine: {machine()} ({cpu_flags()}). FP32 inputs of each MatMul on Lee windows of 512 tokens: "
+            f"Machine: {machine()} ({describe_cpu()}). FP32 inputs of each MatMul on Lee windows of 512 tokens: "
             f"{args.train} to fit, the next {args.held} held out. Cells: held-out SQNR (training SQNR).\n\n"
             f"    python bench/llm_layers.py --layers {args.layers} --train {args.train} --held {args.held} --rows {args.rows}\n\n")
     table = ["| linear | " + " | ".join(rows) + " |", "|---|" + "---|" * len(rows)] + lines

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import collections
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -25,6 +24,8 @@ import onnxruntime as ort
 from onnx import TensorProto as TP
 from onnx import helper as h
 from onnx import numpy_helper as nh
+
+from onnxflex.runtime.cpu import describe_cpu
 
 NP = {"u8": np.uint8, "s8": np.int8}
 TPD = {"u8": TP.UINT8, "s8": TP.INT8}
@@ -200,11 +201,7 @@ def main():
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--reps", type=int, default=15)
     a = ap.parse_args()
-    flags = ""
-    if os.path.exists("/proc/cpuinfo"):
-        fl = next((ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")), "").split()
-        flags = " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx_vnni_int8", "amx_int8") if f in fl)
-    print(f"onnxruntime {ort.__version__}, {platform.machine()}, CPU flags: {flags or '?'}")
+    print(f"onnxruntime {ort.__version__}, {describe_cpu()}")
     with tempfile.TemporaryDirectory() as tmp:
         fusion_table(tmp)
     if a.time:

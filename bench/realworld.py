@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import fmt, machine, save_results  # noqa: E402
-from bench.deploy import cpu_flags  # noqa: E402
+from onnxflex.runtime.cpu import describe_cpu  # noqa: E402
 from tests.realworld.harness import CALIB_SAMPLES, HELD_SAMPLES, ort_quantize_static, run_one  # noqa: E402
 from tests.realworld.manifest import BY_ID, ENTRIES  # noqa: E402
 
@@ -87,7 +87,7 @@ def main():
             f"- SQNR / cosine: worst float output vs FP32 on {HELD_SAMPLES} held-out samples, onnxruntime "
             f"{onnxruntime.__version__} CPU at its default optimisation level; ORT = quantize_static (QDQ, per-channel "
             f"int8 weights, S8S8) on the same calibration feeds\n"
-            f"- machine: {machine()}; CPU flags: {cpu_flags()}\n"
+            f"- machine: {machine()}; CPU flags: {describe_cpu()}\n"
             f"- reproduce: `{cmd}`\n\n"
             "| model | package | kind | opset | outcome | SQNR dB | cosine | ORT quantize_static SQNR dB | onnxflex s | ORT s |\n"
             "|---|---|---|---|---|---|---|---|---|---|\n")

@@ -22,6 +22,7 @@ from bench.common import fmt, machine, run_quantize, save_results  # noqa: E402
 from bench.flexround_imagenet import imagenet_baseline, pp_flags  # noqa: E402
 from models.build import IMAGE_MODELS, IMAGENET_SAMPLE  # noqa: E402
 from onnxflex import QuantConfig  # noqa: E402
+from onnxflex.runtime.cpu import describe_cpu  # noqa: E402
 from onnxflex.runtime.evaluate import evaluate  # noqa: E402
 
 # name -> (method, weight bits, calibration inputs, extra flags, the row whose output bytes it should equal)
@@ -68,11 +69,9 @@ def main():
         print(rows[-1], flush=True)
     import onnxruntime
 
-    cpu = open("/proc/cpuinfo").read() if Path("/proc/cpuinfo").exists() else ""
-    flags = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni") if f" {f}" in cpu]
     head = (f"# Reconstruction stream memory: {args.model}, fast preset, 244 val images\n\n"
             f"FP32 top-1 {base.top1 * 100:.2f} %. onnxruntime {onnxruntime.__version__}, {machine()} "
-            f"({', '.join(flags) or 'no AVX2'}). Peak RSS = the quantize process's max RSS (MiB, from its "
+            f"({describe_cpu()}). Peak RSS = the quantize process's max RSS (MiB, from its "
             "report); 1024 inputs = 256 images + 3 random-resized-crop views each (--augment 3); default "
             f"--max-memory {QuantConfig().max_memory:g} GiB.\n\n"
             f"    python bench/stream_memory.py --model {args.model} --rows {args.rows}"

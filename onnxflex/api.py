@@ -101,6 +101,10 @@ def quantize(model, output, calibration, config: Optional[QuantConfig] = None, *
                   calibration_source=calibration,
                   calibration_options=dict(preprocess=preprocess, tokenizer=tokenizer, max_length=max_length,
                                            seq_len=seq_len, decoder=decoder))
+    if cfg.reduce_range and (config is None or config.reduce_range is None) and "reduce_range" not in overrides:
+        ctx.notes.append("int8 weights on the 7-bit grid [-63, 63] (reduce_range): this CPU has AVX2 without VNNI, "
+                         "where onnxruntime's u8 x s8 kernels saturate on full-range weights; pass --no-reduce-range "
+                         "(reduce_range=False) for a model that will run on a CPU with VNNI")
     pipeline().run(Graph(load_model(model)), ctx)
     summary = _run_summary(ctx, time.perf_counter() - t_start)
     save_model(ctx.qdq_model, output)
@@ -130,7 +134,7 @@ def _run_summary(ctx: Context, seconds: float) -> dict:
         regions=len(ctx.regions), weights_quantized=len(ctx.weight_results),
         act_points=len(ctx.act_points), device=ctx.device, method=cfg.method, preset=cfg.preset,
         iters=cfg.iters, weight_bits=cfg.weight_bits, act_bits=cfg.act_bits, granularity=cfg.granularity, block_size=cfg.block_size,
-        target=cfg.target, region_mode=cfg.regions if cfg.regions != "auto" else f"auto:{ctx.region_mode}",
+        target=cfg.target, reduce_range=cfg.reduce_range, region_mode=cfg.regions if cfg.regions != "auto" else f"auto:{ctx.region_mode}",
         pass_seconds=dict(ctx.pass_seconds), pass_peak_rss_mb=dict(ctx.pass_peak_rss_mb),
     )
     outcomes = Counter(_outcome(r.status) for r in ctx.region_reports or [])

@@ -143,6 +143,9 @@ def main(verbose):
 @click.option("--target", type=click.Choice(TARGETS), default="tensorrt", show_default=True,
               help="runtime the output is for: tensorrt = symmetric int8 Q/DQ on weighted-op inputs; ort-cpu = "
                    "Q/DQ around every quantized op so onnxruntime's CPU int8 kernels run")
+@click.option("--reduce-range/--no-reduce-range", default=None,
+              help="--target ort-cpu, 8-bit activations: int8 weights on 7 bits ([-63, 63]) so onnxruntime's u8s8 "
+                   "kernels do not saturate on x86 CPUs without VNNI (default: on when this machine is one)")
 @click.option("--report", type=click.Path(), default=None, help="report JSON path (default: beside the output)")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--gptq-candidate/--no-gptq-candidate", default=None,
@@ -159,7 +162,7 @@ def main(verbose):
 def quantize(model, calib, output, method, weight_bits, act_bits, granularity, block_size, asymmetric, regions, preset, iters, batch_size,
              lr, act_lr, drop_prob, calib_size, augment, calib_method, first_last_bits, exclude, cle, awq, quantize_attention,
              tokenizer, max_length, seq_len, device, tf32, max_memory, stream_precision,
-             target, report, seed, gptq_candidate, no_judge, no_row_guard, element_lr_scale, checks, quiet,
+             target, reduce_range, report, seed, gptq_candidate, no_judge, no_row_guard, element_lr_scale, checks, quiet,
              preprocess, size, resize, mean, std):
     """Quantize MODEL with calibration data and write a QDQ ONNX model."""
     from .api import quantize as run_quantize
@@ -171,6 +174,7 @@ def quantize(model, calib, output, method, weight_bits, act_bits, granularity, b
                       calib_size=calib_size, augment=augment, calib_method=calib_method, first_last_bits=first_last_bits or None,
                       exclude=list(exclude), cle=cle, awq=awq, quantize_act_matmul=quantize_attention, device=device, tf32=tf32, seed=seed,
                       max_memory=max_memory, stream_precision=stream_precision, target=target,
+                      reduce_range=reduce_range,
                       judge=not no_judge, row_guard=not no_row_guard, gptq_candidate=gptq_candidate,
                       element_lr_scale=element_lr_scale,
                       checks=checks, progress=not quiet)

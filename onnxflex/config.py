@@ -7,6 +7,7 @@ from typing import Optional
 
 from .errors import OnnxflexError
 from .methods import get_method
+from .runtime.cpu import int8_kernels_saturate
 from .targets import get_target
 
 REGION_MODES = ("auto", "layer", "block")
@@ -84,6 +85,9 @@ class QuantConfig:
     # bench/stream_precision.py), float32 keeps every bit
     stream_precision: str = "float16"
     target: str = "tensorrt"  # tensorrt | ort-cpu: where activation Q/DQ go, their type, the rule check
+    # ort-cpu with 8-bit activations: int8 weights on the 7-bit grid [-63, 63], so onnxruntime's u8s8 kernels
+    # do not saturate on x86 CPUs without VNNI (runtime/cpu.py). None: on when the quantizing machine is one
+    reduce_range: Optional[bool] = None
     progress: bool = True
 
     def resolved(self) -> "QuantConfig":
@@ -120,6 +124,11 @@ class QuantConfig:
             raise OnnxflexError(f"--asymmetric weights need zero points, which {self.target} does not take; "
                                 "use --target ort-cpu, or drop --asymmetric")
         cfg = dataclasses.replace(self)
+        applies = self.target == "ort-cpu" and self.act_bits == 8
+        if self.reduce_range and not applies:
+            raise OnnxflexError("--reduce-range is for --target ort-cpu with --act-bits 8 (onnxruntime's u8 x s8 CPU "
+                                "kernels); drop it")
+        cfg.reduce_range = applies and (int8_kernels_saturate() if self.reduce_range is None else self.reduce_range)
         p = PRESETS[self.preset]
         if cfg.iters is None:
             cfg.iters = p["iters"]

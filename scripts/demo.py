@@ -16,10 +16,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.deploy import cpu_flags, latencies  # noqa: E402
+from bench.deploy import latencies  # noqa: E402
 from models.efficientnet_lite import build_efficientnet_lite0  # noqa: E402
 from onnxflex import QuantConfig, quantize  # noqa: E402
 from onnxflex.calib import make_preprocess, synthetic_image_calibration  # noqa: E402
+from onnxflex.runtime.cpu import describe_cpu  # noqa: E402
 from onnxflex.runtime.evaluate import evaluate  # noqa: E402
 from onnxflex.runtime.metrics import sqnr_db, top1_agreement  # noqa: E402
 from onnxflex.runtime.session import make_session  # noqa: E402
@@ -93,8 +94,10 @@ def main():
     print(f"{'model':<18} {'agree%':>7} {'SQNR dB':>8} {'quant s':>8} {'top-1%':>7} {'peak MB':>8}")
     for r in rows:
         print(f"{r[0]:<18} {r[1]:>7} {r[2]:>8} {r[3]:>8} {r[4]:>7} {r[5]:>8}")
-    print("(the last row is --target ort-cpu, run as deployed: onnxruntime CPU, default optimisations)")
-    print(f"onnxruntime CPU latency, median of 15 runs, 2 threads ({cpu_flags()}):")
+    print("(the last row is --target ort-cpu, run as deployed: onnxruntime CPU, default optimisations"
+          + ("; its int8 weights use 7 bits, --reduce-range, because this CPU has AVX2 without VNNI)"
+             if res.config.reduce_range else ")"))
+    print(f"onnxruntime CPU latency, median of 15 runs, 2 threads ({describe_cpu()}):")
     for b in (1, 32):
         print(f"  batch {b:>2}: FP32 {lat[('fp32', b)]:.1f} ms, ort-cpu W8A8 {lat[('int8', b)]:.1f} ms "
               f"({lat[('fp32', b)] / lat[('int8', b)]:.2f}x)")

@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.deploy import cpu_flags  # noqa: E402
+from onnxflex.runtime.cpu import describe_cpu  # noqa: E402
 from bench.llm import prefill_speed, size_mb  # noqa: E402
 from models.smollm2 import build_smollm2  # noqa: E402
 from models.text_corpus import lee_text, wiki_articles, write_text  # noqa: E402
@@ -63,7 +63,7 @@ def main():
     print(f"\nSmolLM2-135M-Instruct, {args.method} W4A16 block {args.block_size} ({res.summary['region_mode']} regions, "
           f"{res.summary['calibration_samples']} windows x {args.seq_len} tokens of Lee) in {seconds:.0f} s, "
           f"peak RSS {res.summary['peak_rss_mb']:.0f} MB")
-    print(f"CPU: {cpu_flags()}; onnxruntime CPU, default optimisation (the int4 MatMuls run as MatMulNBits)")
+    print(f"CPU: {describe_cpu()}; onnxruntime CPU, default optimisation (the int4 MatMuls run as MatMulNBits)")
     print(f"{'':22s}{'FP32':>12s}{'W4A16':>12s}")
     print(f"{'perplexity (wiki)':22s}{ppl.ref_perplexity:12.2f}{ppl.perplexity:12.2f}   "
           f"({ppl.windows} windows, {ppl.tokens} tokens; KL {ppl.kl:.3f}, top-1 agreement {ppl.agreement:.1%})")

@@ -115,6 +115,12 @@ def test_wrong_calibration_shape(tiny_cnn, tmp_path):
     _assert_user_error(_invoke(["quantize", str(tiny_cnn), "--calib", str(npy), "-o", str(out)]), out, "shape")
 
 
+def test_reduce_range_outside_ort_cpu_int8_is_a_user_error(tiny_cnn, images, tmp_path):
+    out = tmp_path / "q.onnx"
+    _assert_user_error(_invoke(["quantize", str(tiny_cnn), "--calib", str(images), "-o", str(out), "--size", "16",
+                                "--reduce-range"]), out, "--reduce-range is for --target ort-cpu")
+
+
 def test_unwritable_output(tiny_cnn, images, tmp_path):
     out = tmp_path / "no_such_dir" / "q.onnx"
     _assert_user_error(_invoke(["quantize", str(tiny_cnn), "--calib", str(images), "-o", str(out), "--size", "16"]),
@@ -178,14 +184,14 @@ def test_ort_cpu_target_quantizes_op_outputs_with_uint8(tiny_cnn, images, tmp_pa
 
     out = tmp_path / "q.onnx"
     res = _invoke(["quantize", str(tiny_cnn), "--calib", str(images), "-o", str(out), "--method", "rtn",
-                   "--size", "16", "--target", "ort-cpu", "-q"])
+                   "--size", "16", "--target", "ort-cpu", "--reduce-range", "-q"])
     assert res.exit_code == 0, res.output
     m = onnx.load(str(out))
     inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
     act_q = [n for n in m.graph.node if n.op_type == "QuantizeLinear"]
     assert act_q and all(inits[n.input[2]].dtype == np.uint8 for n in act_q)
     report = json.loads(out.with_suffix(".report.json").read_text())["summary"]
-    assert report["target"] == "ort-cpu" and report["rule_violations"] == 0
+    assert report["target"] == "ort-cpu" and report["rule_violations"] == 0 and report["reduce_range"] is True
     # every Conv reads a DQ and (unless it writes the graph output) its output, after its ReLU, is quantized
     producers = {o: n for n in m.graph.node for o in n.output}
     readers = {}

@@ -61,6 +61,10 @@ def test_decoder_gets_layer_regions_blockwise_int4_and_an_8bit_lm_head(tiny_path
     head = [k for k in w if "lm_head" in k]
     u = "u" if asymmetric else ""  # --asymmetric: unsigned weights with a zero point per block
     assert len(head) == 1 and w[head[0]] == (u + "int8", 32)  # --first-last-bits 8 applies to the LM head only
+    # the 8-bit LM head is rounded to nearest (learning it bought no perplexity on SmolLM2), the rest learned
+    status = {r.weights[0]: r.status for r in res.regions if r.weights}
+    assert status[head[0]] == "rtn: 8-bit weight-only weights of a decoder are rounded to nearest", status
+    assert sum(s_ in ("learned", "kept rtn: loss above rtn") for s_ in status.values()) == 7 * LAYERS, status
     assert all(v == (u + "int4", 32) for k, v in w.items() if k not in head), w
     # onnxruntime's default optimisation runs every int4 layer as MatMulNBits
     import onnxruntime as ort

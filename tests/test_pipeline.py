@@ -217,3 +217,78 @@ def test_judge_weighs_gptq_for_one_op_regions(tiny_cnn, tiny_calib, tmp_path):
     off = quantize(str(tiny_cnn), tmp_path / "o.onnx", calib,
                    _cfg(method="flexround", weight_bits=4, iters=20, gptq_candidate=False))
     assert all(r.gptq_mse is None and not r.status.startswith("kept gptq") for r in off.regions)
+
+
+def _positive_matmul(path, rng):
+    """x [n, 64] @ W [64, 16] with W > 0: with positive inputs every u8 x s8 product pair is large."""
+    from onnx import TensorProto, helper
+
+    w = (np.abs(rng.standard_normal((64, 16))) + 1.0).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], "mm",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 16])],
+                              [numpy_helper.from_array(w, "W")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_reduce_range_makes_ort_cpu_int8_kernels_compute_what_the_qdq_model_says(tmp_path):
+    """On x86 without VNNI onnxruntime's fused u8 x s8 MatMul adds product pairs in a saturating int16
+    (2 x 255 x 127 > 32767), so full-range int8 weights give other values than their own QDQ
+    arithmetic; 7-bit weights give the same values on every CPU."""
+    from onnxflex.runtime.cpu import int8_kernels_saturate
+
+    rng = np.random.default_rng(0)
+    model = _positive_matmul(tmp_path / "mm.onnx", rng)
+    x = rng.uniform(0.5, 1.0, (48, 64)).astype(np.float32)
+    errors = {}
+    for reduce_range in (True, False):
+        out = tmp_path / f"mm_{reduce_range}.onnx"
+        res = quantize(str(model), out, [{"x": x}], _cfg(method="rtn", target="ort-cpu", reduce_range=reduce_range))
+        assert res.config.reduce_range is reduce_range
+        q = next(a for n, a in _inits(onnx.load(str(out))).items() if a.dtype == np.int8 and a.ndim == 2)
+        assert np.abs(q).max() == (63 if reduce_range else 127)
+        fused = make_session(str(out), optimization="all").run(None, {"x": x})[0]
+        qdq = _run(out, x)
+        errors[reduce_range] = float(np.abs(fused - qdq).max() / np.abs(qdq).max())
+    assert errors[True] < 1e-5, errors
+    assert (errors[False] > 1e-2) == int8_kernels_saturate(), errors  # the premise, on this machine
+
+
+def test_reduce_range_is_for_ort_cpu_with_int8_activations_and_defaults_to_this_cpu(monkeypatch):
+    from onnxflex import config as config_module
+    from onnxflex.errors import OnnxflexError
+
+    with pytest.raises(OnnxflexError, match="--reduce-range is for --target ort-cpu"):
+        QuantConfig(reduce_range=True).resolved()  # TensorRT: its int8 kernels do not saturate
+    with pytest.raises(OnnxflexError, match="--reduce-range is for --target ort-cpu"):
+        QuantConfig(reduce_range=True, target="ort-cpu", act_bits=0, weight_bits=4).resolved()
+    for saturate in (True, False):
+        monkeypatch.setattr(config_module, "int8_kernels_saturate", lambda s=saturate: s)
+        assert QuantConfig(target="ort-cpu").resolved().reduce_range is saturate
+        assert QuantConfig(target="ort-cpu", reduce_range=False).resolved().reduce_range is False
+        assert QuantConfig(target="tensorrt").resolved().reduce_range is False
+
+
+@pytest.mark.parametrize("target", ["tensorrt", "ort-cpu"])
+def test_int4_weights_beside_int8_activations_use_the_whole_int4_grid(tiny_cnn, tiny_calib, tmp_path, target):
+    """W4A8 weights are stored as INT4 like weight-only ones, so they get its 16th level: TensorRT's full
+    grid [-8, 7] with positive scales, onnxruntime's per-channel signed scales (each channel's largest
+    magnitude on -8), which its CPU provider runs as written."""
+    import ml_dtypes
+
+    out = tmp_path / "q.onnx"
+    res = quantize(str(tiny_cnn), out, [{"input": tiny_calib}], _cfg(method="rtn", weight_bits=4, target=target))
+    m = onnx.load(str(out))
+    inits = _inits(m)
+    dqs = [n for n in m.graph.node if n.op_type == "DequantizeLinear" and inits.get(n.input[0]) is not None
+           and inits[n.input[0]].dtype == ml_dtypes.int4]
+    assert len(dqs) == 4  # the first and last weighted ops stay 8-bit
+    ints = [inits[n.input[0]].astype(np.int8) for n in dqs]
+    assert min(int(q.min()) for q in ints) == -8 and max(int(q.max()) for q in ints) <= 7
+    negative = sum(int((inits[n.input[1]] < 0).sum()) for n in dqs)
+    assert (negative > 0) == (target == "ort-cpu"), negative  # TensorRT wants scales > 0
+    assert res.summary["rule_violations"] == 0
+    x = tiny_calib[:16]
+    fused = make_session(str(out), optimization="all").run(None, {"input": x})[0]
+    assert float(np.linalg.norm(fused - _run(out, x)) / np.linalg.norm(_run(out, x))) < 1e-2

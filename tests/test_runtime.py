@@ -251,3 +251,17 @@ def test_opset_upgrade_runs_weightless_and_puts_the_weights_back(monkeypatch):
     feed = [{"images": np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)}]
     np.testing.assert_array_equal(S.run_batched(S.make_session(up), feed)["logits"],
                                   S.run_batched(S.make_session(model), feed)["logits"])
+
+
+def test_cpu_flags_and_whether_int8_kernels_saturate(tmp_path):
+    from onnxflex.runtime.cpu import cpu_flags, describe_cpu, int8_kernels_saturate
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n\nprocessor\t: 1\nflags\t\t: fpu avx512_vnni\n")
+    assert cpu_flags(info) == {"fpu", "sse2", "avx2", "fma"}  # the first CPU's line, not every word of the file
+    assert cpu_flags(tmp_path / "absent") == frozenset()
+    assert int8_kernels_saturate({"avx2", "fma"})  # VPMADDUBSW: int16 pair sums
+    assert not int8_kernels_saturate({"avx2", "avx512f", "avx512_vnni"})
+    assert not int8_kernels_saturate({"avx2", "avx_vnni"})
+    assert not int8_kernels_saturate(set())  # not x86 (or unknown): no claim
+    assert "avx2 yes" in describe_cpu({"avx2"}) and "avx512_vnni no" in describe_cpu({"avx2"})

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from onnxflex.runtime.cpu import int8_kernels_saturate
+
 from .corpus import fetch
 from .feeds import make_feeds
 
@@ -42,27 +44,13 @@ class RecipeError(RuntimeError):
     """The FP32 model does not run on the recipe's feeds: a corpus bug, not an onnxflex one."""
 
 
-def int8_kernels_saturate() -> bool:
-    """True on an x86 CPU without VNNI (AVX2 only): there onnxruntime's fused u8 x s8 kernels multiply
-    with VPMADDUBSW, whose int16 pair sums saturate for full-range int8 weights (onnxruntime's
-    quantization docs; its remedy is reduce_range, 7-bit weights). Measured on a 2-core AVX2 EPYC:
-    ppocr-mobile-cls 21.7 dB as QDQ arithmetic, 11.4 dB through the fused kernels; the
-    surfaces surrogate 36.6 vs 20.2 dB. The same files keep their floors through the fused kernels on
-    VNNI machines."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.exists():
-        return False
-    flags = set(cpuinfo.read_text().split())
-    return "avx2" in flags and not flags & {"avx512_vnni", "avx_vnni", "amx_int8"}
-
-
 def session(path, quantized: bool = False):
     """Default optimisation level (what a user gets), except for a quantized model on a CPU whose int8
     kernels saturate: there the floors are checked on the QDQ arithmetic (optimisations off)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    if quantized and int8_kernels_saturate():
+    if quantized and int8_kernels_saturate():  # ppocr-mobile-cls 21.7 dB as QDQ, 11.4 dB fused (AVX2 EPYC)
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 3
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
