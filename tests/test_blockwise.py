@@ -137,11 +137,13 @@ def test_weight_grid_follows_the_target_and_the_bits():
     from onnxflex.targets import get_target
 
     trt, cpu = get_target("tensorrt"), get_target("ort-cpu")
-    assert trt.weight_grid(8) == "narrow" and cpu.weight_grid(8) == "narrow"  # int8 stays in [-127, 127]
-    assert trt.weight_grid(7) == "narrow"  # --reduce-range's [-63, 63]
-    assert trt.weight_grid(4) == "full" and trt.weight_grid(3) == "full"  # TensorRT wants scales > 0
-    assert cpu.weight_grid(4) == "signed" and cpu.weight_grid(3) == "signed"
-    assert cpu.weight_grid(4, asymmetric=True) == "asymmetric" and cpu.weight_grid(8, asymmetric=True) == "asymmetric"
+    assert trt.weight_grid(8, 8) == "narrow" and cpu.weight_grid(0, 8) == "narrow"  # int8 stays in [-127, 127]
+    assert trt.weight_grid(8, 7) == "narrow"  # --reduce-range's [-63, 63]
+    assert trt.weight_grid(8, 4) == "narrow" and cpu.weight_grid(8, 4) == "narrow"  # W4A8: measured lower top-1
+    assert trt.weight_grid(8, 3) == "full" and cpu.weight_grid(8, 3) == "signed"  # W3A8 gets INT4's -4
+    assert trt.weight_grid(0, 4) == "full" and trt.weight_grid(0, 3) == "full"  # TensorRT wants scales > 0
+    assert cpu.weight_grid(0, 4) == "signed" and cpu.weight_grid(0, 3) == "signed"
+    assert cpu.weight_grid(0, 4, asymmetric=True) == "asymmetric" and cpu.weight_grid(0, 8, asymmetric=True) == "asymmetric"
     for bad, match in ((dict(act_bits=8), "weight-only"), (dict(target="tensorrt"), "zero points")):
         with pytest.raises(OnnxflexError, match=match):
             QuantConfig(**{**dict(asymmetric=True, act_bits=0, target="ort-cpu", weight_bits=4), **bad}).resolved()

@@ -271,21 +271,21 @@ def test_reduce_range_is_for_ort_cpu_with_int8_activations_and_defaults_to_this_
 
 
 @pytest.mark.parametrize("target", ["tensorrt", "ort-cpu"])
-def test_int4_weights_beside_int8_activations_use_the_whole_int4_grid(tiny_cnn, tiny_calib, tmp_path, target):
-    """W4A8 weights are stored as INT4 like weight-only ones, so they get its 16th level: TensorRT's full
-    grid [-8, 7] with positive scales, onnxruntime's per-channel signed scales (each channel's largest
-    magnitude on -8), which its CPU provider runs as written."""
+def test_int3_weights_beside_int8_activations_use_the_whole_int4_grid(tiny_cnn, tiny_calib, tmp_path, target):
+    """W3A8 weights are stored as INT4 like weight-only ones, so they get the grid's 8th level: TensorRT's
+    full grid [-4, 3] with positive scales, onnxruntime's per-channel signed scales (each channel's largest
+    magnitude on -4), which its CPU provider runs as written."""
     import ml_dtypes
 
     out = tmp_path / "q.onnx"
-    res = quantize(str(tiny_cnn), out, [{"input": tiny_calib}], _cfg(method="rtn", weight_bits=4, target=target))
+    res = quantize(str(tiny_cnn), out, [{"input": tiny_calib}], _cfg(method="rtn", weight_bits=3, target=target))
     m = onnx.load(str(out))
     inits = _inits(m)
     dqs = [n for n in m.graph.node if n.op_type == "DequantizeLinear" and inits.get(n.input[0]) is not None
            and inits[n.input[0]].dtype == ml_dtypes.int4]
     assert len(dqs) == 4  # the first and last weighted ops stay 8-bit
     ints = [inits[n.input[0]].astype(np.int8) for n in dqs]
-    assert min(int(q.min()) for q in ints) == -8 and max(int(q.max()) for q in ints) <= 7
+    assert min(int(q.min()) for q in ints) == -4 and max(int(q.max()) for q in ints) <= 3
     negative = sum(int((inits[n.input[1]] < 0).sum()) for n in dqs)
     assert (negative > 0) == (target == "ort-cpu"), negative  # TensorRT wants scales > 0
     assert res.summary["rule_violations"] == 0

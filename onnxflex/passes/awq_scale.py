@@ -252,7 +252,7 @@ class ActivationScalePass(Pass):
         wide = graph.first_last_nodes(ctx.traits.decoder) if cfg.first_last_bits else set()
         grids = {}
         for bits in {cfg.weight_bits, max(cfg.first_last_bits or 0, cfg.weight_bits)}:
-            grids[bits] = rtn_quantizer(bits, cfg.block_size, ctx.target.weight_grid(bits, cfg.asymmetric))
+            grids[bits] = rtn_quantizer(bits, cfg.block_size, ctx.target.weight_grid(cfg.act_bits, bits, cfg.asymmetric))
 
         def grid_of(reader: str):
             return grids[max(cfg.first_last_bits, cfg.weight_bits) if reader in wide else cfg.weight_bits]

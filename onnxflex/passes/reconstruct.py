@@ -206,7 +206,7 @@ class RegionRun:
         return [(method if ok else self.rtn).make_quantizer(
                     torch.from_numpy(self.graph.array(w.weight).astype(np.float32)), self.grid_bits(w), w.out_axis,
                     w.in_axis, per_channel=self.cfg.granularity == "channel", block_size=self.block_size(w),
-                    grid=self.ctx.target.weight_grid(self.grid_bits(w), self.cfg.asymmetric)).to(self.device)
+                    grid=self.ctx.target.weight_grid(self.cfg.act_bits, self.grid_bits(w), self.cfg.asymmetric)).to(self.device)
                 for w, ok in zip(self.region.weights, learnable)]
 
     def run(self) -> RegionReport:
