@@ -94,14 +94,15 @@ def quantize(model, output, calibration, config: Optional[QuantConfig] = None, *
     from .report import write_report
 
     t_start = time.perf_counter()
-    cfg = dataclasses.replace(config or QuantConfig(), **overrides).resolved()
+    requested = dataclasses.replace(config or QuantConfig(), **overrides)
+    cfg = requested.resolved()
     output = Path(output)
     check_output_path(output)
     ctx = Context(cfg, get_target(cfg.target), get_method(cfg.method), device=resolve_device(cfg.device),
                   calibration_source=calibration,
                   calibration_options=dict(preprocess=preprocess, tokenizer=tokenizer, max_length=max_length,
                                            seq_len=seq_len, decoder=decoder))
-    if cfg.reduce_range and (config is None or config.reduce_range is None) and "reduce_range" not in overrides:
+    if cfg.reduce_range and requested.reduce_range is None:  # chosen for this machine: say why
         ctx.notes.append("int8 weights on the 7-bit grid [-63, 63] (reduce_range): this CPU has AVX2 without VNNI, "
                          "where onnxruntime's u8 x s8 kernels saturate on full-range weights; pass --no-reduce-range "
                          "(reduce_range=False) for a model that will run on a CPU with VNNI")
