@@ -12,9 +12,10 @@ time and peak RSS are its own.
     python bench/llm.py [--model smollm2|qwen05] [--windows 128] [--seq-len 512] [--eval-windows 16]
                         [--rows ROW,ROW...] [--preset fast]
 
-Rows: fp32 | ort:default|hqq|gptq[:bBLOCK] | METHOD:wBITS[aBITS][:bBLOCK][:asym][:awq] (b0 = per channel; asym: a
-zero point per block, --asymmetric; awq: --awq, activation-aware scaling first), e.g. flexround:w4:b128,
-flexround:w4:b128:awq, rtn:w3:b128, flexround:w8a8.
+Rows: fp32 | ort:default|hqq|gptq[:bBLOCK] | METHOD:wBITS[aBITS][:bBLOCK][:asym][:awq][:cand] (b0 = per channel;
+asym: a zero point per block, --asymmetric; awq: --awq, activation-aware scaling first; cand: --gptq-candidate,
+the held-out judge also weighs GPTQ's rounding of each linear), e.g. flexround:w4:b128, flexround:w4:b128:awq,
+flexround:w4:b128:cand, rtn:w3:b128, flexround:w8a8.
 """
 from __future__ import annotations
 
@@ -87,7 +88,7 @@ def parse(row: str) -> dict:
     bits = parts[1].lstrip("w")
     w, a = (bits.split("a") + ["0"])[:2]
     return dict(kind="onnxflex", method=parts[0], bits=int(w), act=int(a or 0), block=block if int(a or 0) == 0 else 0,
-                asymmetric="asym" in parts[2:], awq="awq" in parts[2:])
+                asymmetric="asym" in parts[2:], awq="awq" in parts[2:], gptq_candidate="cand" in parts[2:])
 
 
 def quantize_onnxflex(spec: dict, fp32: Path, calib: Path, tok: Path, out: Path, args) -> dict:
@@ -104,6 +105,8 @@ def quantize_onnxflex(spec: dict, fp32: Path, calib: Path, tok: Path, out: Path,
         cmd += ["--asymmetric"]
     if spec["awq"]:
         cmd += ["--awq"]
+    if spec["gptq_candidate"]:
+        cmd += ["--gptq-candidate"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0

@@ -86,7 +86,7 @@ def score(row: str, W, st, sqnr):
     parts = row.split(":")
     torch.manual_seed(0)
     q = FlexRoundQuantizer(W, 4, 1, 0, block_size=128, grid="signed")
-    loss = lambda: G.gram_mse(st, (q() - W).T.contiguous())  # noqa: E731
+    loss = lambda: G.gram_mse(st, q() - W, 1)  # noqa: E731
     if parts[0] in ("gptq", "gfr"):
         g = GPTQQuantizer(W, 4, 1, 0, block_size=128, grid="signed").solve(st, correct_inputs=False)
         if parts[0] == "gptq":

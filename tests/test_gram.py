@@ -118,6 +118,12 @@ def test_matmul_layout_weight():
     dm.backward()
     assert _rel(gm.detach(), dm.detach()) < 1e-5
     assert _rel(dB.grad, dB2.grad) < 1e-4
+    # the same weight handed over as it is, [K, N] with out_axis=1: no transpose, the same loss and gradient
+    dB3 = (B_hat - B).clone().requires_grad_(True)
+    g3 = gram_mse(stats, dB3, out_axis=1)
+    g3.backward()
+    assert _rel(g3.detach(), dm.detach()) < 1e-5
+    assert _rel(dB3.grad, dB2.grad) < 1e-4
 
 
 def test_merged_batches_and_float64_storage():

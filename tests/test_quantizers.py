@@ -88,6 +88,37 @@ def test_flexround_gradients_reach_all_parameters():
         assert g is not None and g.abs().sum() > 0, name
 
 
+def _flexround_by_autograd(fr):
+    """The FlexRound formula as plain autograd ops: the reference for the fused forward and backward."""
+    t = fr.expand_blocks(fr.log_s1) + fr.log_S2
+    for extra in (fr.log_s3, fr.log_s4):
+        if extra is not None:
+            t = t + extra
+    w = fr.weight if fr.w_signed is None else fr.w_signed
+    return fr.scale_broadcast() * torch.clamp(round_ste(w / torch.exp(t)), fr.qmin, fr.qmax)
+
+
+@pytest.mark.parametrize("shape,out_axis,in_axis,block,grid", [
+    ((8, 4, 3, 3), 0, 1, 0, "narrow"), ((24, 10), 1, 0, 8, "signed"), ((20, 12), 1, 0, 8, "asymmetric"),
+    ((10, 12), 0, 1, 0, "full")])
+def test_flexround_fused_step_equals_autograd_of_the_formula(shape, out_axis, in_axis, block, grid):
+    """The hand-written backward (straight-through round, no gradient where clamped) against autograd's,
+    with parameters moved far enough that some integers clamp; block sizes that do not divide K."""
+    fr = FlexRoundQuantizer(_weight(shape), 3, out_axis, in_axis, block_size=block, grid=grid)
+    _scramble(fr)
+    target = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    ((fr() - target) ** 2).sum().backward()
+    fused = {n: p.grad.clone() for n, p in fr.named_parameters()}
+    fr.zero_grad()
+    ref = _flexround_by_autograd(fr)
+    ((ref - target) ** 2).sum().backward()
+    assert torch.equal(fr().detach(), ref.detach())
+    q = torch.round(ref.detach() / fr.scale_broadcast().detach())
+    assert ((q <= fr.qmin) | (q >= fr.qmax)).any()  # the clamp is exercised
+    for n, p in fr.named_parameters():
+        assert torch.allclose(fused[n], p.grad, rtol=1e-4, atol=1e-6), n
+
+
 def test_flexround_linear_has_no_s4_and_per_tensor_shapes():
     w = _weight((10, 12))
     fr = FlexRoundQuantizer(w, 4, 0, 1, per_channel=False)

@@ -105,7 +105,10 @@ def test_block_regions_are_encoder_layers_with_the_mask_as_side_input(tiny_bert,
 def test_layer_regions_never_pass_shape_tensors(tiny_bert, tokenizer_dir, texts):
     fp, g = _prepared(tiny_bert)
     regions = partition(g, "layer", sizes=_sizes(fp, tokenizer_dir, texts))
-    assert len(regions) == 6 * LAYERS
+    # the embeddings (and the mask's arithmetic) before the first MatMul form a weightless region of their own
+    assert len(regions) == 6 * LAYERS + 1 and not regions[0].weights
+    assert all(len(r.weights) == 1 for r in regions[1:])
+    assert regions[1].weights[0].data_input in regions[1].inputs  # so the first MatMul gets the Gram form too
     shape_only = _shape_only(g)
     assert shape_only, "the export computes reshape targets from shapes; the test needs some"
     assert not any(t in shape_only for r in regions for t in r.inputs)

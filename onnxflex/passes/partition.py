@@ -194,7 +194,8 @@ def partition(graph: Graph, mode: str = "auto", quantize: Optional[set] = None,
               sizes: Optional[dict] = None, max_ops: Optional[int] = None) -> list[Region]:
     """Split the graph into regions.
 
-    mode: layer = one weighted op (with what follows it up to the next weighted op) per region;
+    mode: layer = one weighted op (with what follows it up to the next weighted op) per region, and
+    the ops before the first weighted op in a region of their own;
     block/auto = spans between single-live-tensor cuts, merged up to ``max_ops`` weighted ops
     (default: the largest unsplittable span, at least 3).
     quantize: names of the weighted nodes to quantize (default: all with a constant weight).
@@ -210,7 +211,11 @@ def partition(graph: Graph, mode: str = "auto", quantize: Optional[set] = None,
     live = live_sets(graph, outputs=False)
 
     if mode == "layer":
-        cuts = [i - 1 for i in range(1, len(nodes)) if is_w[i] and any(is_w[:i])]
+        # a cut before every weighted op, the first one too: what precedes it (an embedding, a decoder's
+        # mask and rotary tables, an input normalisation) is a weightless region of its own, so the first
+        # op reads its input from the streams and gets the Gram form (SmolLM2's first q_proj took 78 s
+        # of real passes with them inside its region, the other q_projs 6 s)
+        cuts = [i - 1 for i in range(1, len(nodes)) if is_w[i]]
     else:
         dep = data_dependent(graph)
         cuts = [i for i in range(len(nodes) - 1) if len(_main_tensors(live[i], sizes, int_tensors, dep)) <= 1]

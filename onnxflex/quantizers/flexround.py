@@ -13,7 +13,43 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .grid import WeightQuantizer, broadcast_shape, round_ste
+from .grid import WeightQuantizer, broadcast_shape
+
+
+def _divide(w: Tensor, log_S2: Tensor, rest: Tensor) -> Tensor:
+    """w / exp(log_S2 + rest), the element-wise division, in two buffers' worth of passes. The one
+    arithmetic shared by training and by ``integers()``, so the deployed integers are the trained ones."""
+    e = torch.add(log_S2, rest).exp_()
+    return torch.div(w, e, out=e)
+
+
+class _DivideRound(torch.autograd.Function):
+    """s * clamp(round(w / exp(log_S2 + rest)), qmin, qmax) with straight-through rounding.
+
+    Autograd of the same chain made about three times as many passes over the weight and kept more of
+    them alive; on SmolLM2's MLP linears those passes, not the Gram product, were most of a step. Here
+    the gradient of the divisor's log is one saved tensor, -s*z where the integer is inside the grid
+    and 0 where clamped, and the scale's gradient reads the saved integers.
+    """
+
+    @staticmethod
+    def forward(ctx, w, log_S2, rest, s, qmin, qmax):
+        z = _divide(w, log_S2, rest)
+        q = torch.round(z)
+        inside = (q >= qmin) & (q <= qmax)
+        q = torch.clamp(q, qmin, qmax)
+        ctx.save_for_backward(z.mul_(s).mul_(inside).neg_(), q)  # z's buffer becomes d out / d log-divisor
+        ctx.shapes = (rest.shape, s.shape)
+        return q * s
+
+    @staticmethod
+    def backward(ctx, grad):
+        dt, q = ctx.saved_tensors
+        rest_shape, s_shape = ctx.shapes
+        g_t = grad * dt
+        g_rest = g_t.sum_to_size(rest_shape) if ctx.needs_input_grad[2] else None
+        g_s = (grad * q).sum_to_size(s_shape) if ctx.needs_input_grad[3] else None
+        return None, g_t, g_rest, g_s, None, None
 
 
 class FlexRoundQuantizer(WeightQuantizer):
@@ -54,19 +90,25 @@ class FlexRoundQuantizer(WeightQuantizer):
     def scale_broadcast(self) -> Tensor:
         return self.expand_blocks(self.scale_sign * torch.exp(self.log_s1))
 
-    def _log_divisor(self) -> Tensor:
-        t = self.expand_blocks(self.log_s1) + self.log_S2
-        if self.log_s3 is not None:
-            t = t + self.log_s3
+    def _divisor_rest(self) -> Tensor:
+        """log(s1 * s3 * s4): the divisor's log without the per-weight S2 (block-expanded to the weight's
+        shape when block-wise, broadcastable otherwise). s3 joins s1 before the block expansion: one
+        weight-sized add and reduction fewer per step."""
+        t = self.log_s1 if self.log_s3 is None else self.log_s1 + self.log_s3
+        t = self.expand_blocks(t)
         if self.log_s4 is not None:
             t = t + self.log_s4
         return t
 
+    def _signed_weight(self) -> Tensor:
+        return self.weight if self.w_signed is None else self.w_signed
+
     def _z(self) -> Tensor:
-        return (self.weight if self.w_signed is None else self.w_signed) / torch.exp(self._log_divisor())
+        return _divide(self._signed_weight(), self.log_S2, self._divisor_rest())
 
     def forward(self) -> Tensor:
-        return self.scale_broadcast() * torch.clamp(round_ste(self._z()), self.qmin, self.qmax)
+        return _DivideRound.apply(self._signed_weight(), self.log_S2, self._divisor_rest(), self.scale_broadcast(),
+                                  self.qmin, self.qmax)
 
     @torch.no_grad()
     def integers(self) -> Tensor:

@@ -24,6 +24,7 @@ layers; C for depthwise, with K = kh*kw). C is [Cout, K], i.e. the layout of W r
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -61,6 +62,11 @@ class GramStats:
         """Merge two mini-batches: the sum form is additive, so the merged loss is over both."""
         return GramStats(self.G + other.G, self.C + other.C, self.r2 + other.r2, self.count + other.count,
                          self.samples + other.samples)
+
+    @cached_property
+    def c_out_last(self) -> Tensor:
+        """C as [K, Cout], the layout of a MatMul weight, made once for the per-step loss."""
+        return self.C.T.contiguous()
 
     def to(self, *args, **kwargs) -> "GramStats":
         return GramStats(self.G.to(*args, **kwargs), self.C.to(*args, **kwargs), self.r2.to(*args, **kwargs),
@@ -194,39 +200,46 @@ def linear_gram(x: Tensor, w2d: Tensor, b: Optional[Tensor], y: Tensor, accum_dt
     return GramStats(G.unsqueeze(0).to(dtype), C.to(dtype), r2.to(dtype), yf.numel(), samples)
 
 
-class _Quadratic(torch.autograd.Function):
-    """sum(dg * (dg @ G)) for a constant symmetric G: its gradient is 2 (dg @ G), the product the forward
-    already made, so an iteration costs one batched matmul instead of autograd's two (SmolLM2's
-    Gram-form FlexRound spent 70 % of its time in these products)."""
+class _GramLoss(torch.autograd.Function):
+    """<d, d G> - 2 <d, C> for a constant symmetric G. Its gradient, 2 (d G - C), reuses the forward's
+    one matrix product, so an iteration costs one matmul instead of autograd's two (SmolLM2's Gram-form
+    FlexRound spent 70 % of its time in these products), and no weight-sized temporaries beyond it.
+
+    ``out_last``: d is a MatMul weight [K, N] and C is given as [K, N] (``GramStats.c_out_last``): the
+    product is G d, so the weight is never transposed (a copy of the weight per step otherwise)."""
 
     @staticmethod
-    def forward(ctx, dg: Tensor, G: Tensor) -> Tensor:
-        p = torch.bmm(dg, G)
-        ctx.save_for_backward(p)
-        return (p * dg).sum()
+    def forward(ctx, d: Tensor, G: Tensor, C: Tensor, out_last: bool) -> Tensor:
+        p = torch.mm(G[0], d) if out_last else torch.bmm(d, G)
+        flat = d.reshape(-1)
+        value = torch.dot(p.reshape(-1), flat) - 2.0 * torch.dot(C.reshape(-1), flat)
+        ctx.save_for_backward(p.sub_(C))
+        return value
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (p,) = ctx.saved_tensors
-        return 2.0 * grad * p, None
+        return 2.0 * grad * p, None, None, None
 
 
-def gram_loss(stats: GramStats, dW: Tensor) -> Tensor:
-    """sum ||op(X, W + dW) + b - Y||^2 from the statistics. dW: [Cout, ...] (reshaped to [Cout, K])."""
+def gram_loss(stats: GramStats, dW: Tensor, out_axis: int = 0) -> Tensor:
+    """sum ||op(X, W + dW) + b - Y||^2 from the statistics. dW: weight-shaped with its output channels on
+    ``out_axis`` (0: [Cout, ...], reshaped to [Cout, K]; a 2-D MatMul weight [K, N] takes out_axis=1)."""
     cout, K = stats.C.shape
     g = stats.G.shape[0]
-    d = dW.reshape(cout, K).to(stats.G.dtype)
-    dg = d.reshape(g, cout // g, K)
-    quad = _Quadratic.apply(dg, stats.G)
-    return quad - 2.0 * (d * stats.C).sum() + stats.r2
+    d = dW.to(stats.G.dtype)
+    if out_axis == 1 and d.ndim == 2 and g == 1:
+        return _GramLoss.apply(d.contiguous(), stats.G, stats.c_out_last, True) + stats.r2
+    dg = out_by_in(d, out_axis).reshape(g, cout // g, K).contiguous()
+    return _GramLoss.apply(dg, stats.G, stats.C.reshape(g, cout // g, K), False) + stats.r2
 
 
-def gram_mse(stats: GramStats, dW: Tensor) -> Tensor:
+def gram_mse(stats: GramStats, dW: Tensor, out_axis: int = 0) -> Tensor:
     """Equals F.mse_loss(op(X, W + dW) + b, Y) (mean over output elements) up to float error."""
-    return gram_loss(stats, dW) / stats.count
+    return gram_loss(stats, dW, out_axis) / stats.count
 
 
-def gram_sample_loss(stats: GramStats, dW: Tensor) -> Tensor:
+def gram_sample_loss(stats: GramStats, dW: Tensor, out_axis: int = 0) -> Tensor:
     """Squared error summed over each sample's outputs, averaged over samples (x.shape[0]).
 
     This is the reconstruction-loss scale of the AdaRound/BRECQ code, for which AdaRound's
@@ -235,4 +248,4 @@ def gram_sample_loss(stats: GramStats, dW: Tensor) -> Tensor:
     """
     if stats.samples <= 0:
         raise ValueError("these GramStats do not record a sample count")
-    return gram_loss(stats, dW) / stats.samples
+    return gram_loss(stats, dW, out_axis) / stats.samples

@@ -233,6 +233,9 @@ class WeightQuantizer(nn.Module):
         self.frozen = False
         self.progress = 0.0
         self.register_buffer("weight", w)
+        # each input row's block, for expand_blocks
+        self.register_buffer("block_of_row", torch.arange(w.shape[self.in_axis], device=w.device) // self.block_size
+                             if self.block_size else None, persistent=False)
         sshape = self._scale_shape()
         z0 = torch.zeros(sshape)
         if grid == "asymmetric":
@@ -298,8 +301,9 @@ class WeightQuantizer(nn.Module):
         (identity unless block-wise)."""
         if not self.block_size:
             return s
-        k = self.weight.shape[self.in_axis]
-        return s.repeat_interleave(self.block_size, dim=self.in_axis).narrow(self.in_axis, 0, k)
+        # a gather by block index: its backward is one index_add, where repeat_interleave's was a zero-padded
+        # copy and a reshaped sum (5x slower fwd + bwd on a 576 x 1536 weight, each training step)
+        return s.index_select(self.in_axis, self.block_of_row)
 
     @property
     def num_out(self) -> int:

@@ -27,6 +27,15 @@ def mix(q, f, p, gen):
     return torch.where(drop, f, q)
 
 
+def adam(groups) -> torch.optim.Optimizer:
+    """Adam, as one fused kernel per step where this torch has it (CPU since torch 2.4): the
+    per-parameter loop was 3.3 of ~50 ms in a SmolLM2 MLP linear's step, the fused one 0.7."""
+    try:
+        return torch.optim.Adam(groups, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # an older torch, or a device it has no fused kernel for
+        return torch.optim.Adam(groups)
+
+
 def fit(quantizers, act_params, batch_loss, iters: int, lr: float, act_lr: float, desc: str, progress: bool,
         element_lr: float | None = None, holdout=None, checks: int = 0):
     """The one reconstruction loop: Adam with cosine decay on ``batch_loss(it)`` plus the
@@ -43,7 +52,7 @@ def fit(quantizers, act_params, batch_loss, iters: int, lr: float, act_lr: float
         groups.append({"params": element, "lr": lr if element_lr is None else element_lr})
     if act_params:
         groups.append({"params": act_params, "lr": act_lr})
-    opt = torch.optim.Adam([g for g in groups if g["params"]])
+    opt = adam([g for g in groups if g["params"]])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iters, eta_min=0.0)
     params = [p for g in groups for p in g["params"]]
     at = set() if holdout is None or checks <= 0 else {iters * (k + 1) // checks - 1 for k in range(checks)}
@@ -195,7 +204,7 @@ def train_gram(graph: Graph, spec: WeightSpec, quantizer, stats: list, cfg, per_
     data = gram_mod.gram_sample_loss if per_sample else gram_mod.gram_mse
 
     def batch_loss(it):
-        return data(stats[it % len(stats)], gram_mod.out_by_in(quantizer() - w, spec.out_axis))
+        return data(stats[it % len(stats)], quantizer() - w, spec.out_axis)
 
     fit([quantizer], [], batch_loss, cfg.iters, cfg.lr, cfg.act_lr, desc, cfg.progress, cfg.lr * cfg.element_lr_scale,
         holdout, cfg.checks)
