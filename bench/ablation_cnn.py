@@ -19,6 +19,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -35,7 +37,10 @@ ROWS = {
     "range-minmax": (["--calib-method", "minmax"], "activation ranges by min/max"),
     "judge-off": (["--no-judge"], "learned weights kept even where RTN is better held out"),
     "gptq-cand-off": (["--no-gptq-candidate"], "the judge weighs RTN and FlexRound only (not GPTQ)"),
+    "bias": (["--bias-correction"], "bias correction (each Conv's bias absorbs its rounding's mean output error)"),
+    "bias-seed1": (["--bias-correction", "--seed", "1"], "bias correction, seed 1"),
     "gptq": (["--method", "gptq"], "GPTQ alone (closed form, no FlexRound)"),
+    "gptq-calib1024": (["--method", "gptq", "--augment", "3"], "GPTQ alone on 1024 inputs (each image + 3 random-resized-crop views)"),
     "calib64": (["--calib-size", "64"], "64 calibration images (8 held out for the judge)"),
     "calib64-gptq-off": (["--calib-size", "64", "--no-gptq-candidate"], "64 images, the judge without GPTQ"),
     "guard-off": (["--no-row-guard"], "learn weights with too few calibration rows too"),
@@ -125,12 +130,48 @@ def run(args) -> None:
         list(pool.map(one, rows))
 
 
+HELD_OUT = 32  # the last calibration images, which the reconstruct pass holds out of every fit (its EVAL_SAMPLES)
+
+
+class CalibSplit:
+    """Output SQNR against FP32 on the calibration images the fit saw (the first 224 of 256) and on the 32
+    it held out. A gap between the two is what the fit learned about those images rather than the model:
+    round-to-nearest shows none, the learned rows 2.5-3 dB on Lite0 (README, "Fitted vs held-out")."""
+
+    def __init__(self, fp32, calib, pp, size=256):
+        from onnxflex.calib.load import load_calibration
+        from onnxflex.runtime.session import input_specs, make_session
+
+        sess = make_session(str(fp32), optimization="disable")
+        self.name = sess.get_inputs()[0].name
+        cal = load_calibration(calib, input_specs(sess), size=size, preprocess=pp)
+        self.x = cal.joined(cal.samples)[self.name]
+        self.n_fit = len(self.x) - min(HELD_OUT, len(self.x) // 8)
+        self.ref = self.run(sess)
+
+    def run(self, sess):
+        return np.concatenate([sess.run(None, {self.name: self.x[i:i + 32]})[0] for i in range(0, len(self.x), 32)])
+
+    def sqnr(self, model) -> tuple:
+        from onnxflex.runtime.session import make_session
+
+        out = self.run(make_session(str(model), optimization="disable"))
+
+        def db(a, b):
+            a, b = a.astype(np.float64), b.astype(np.float64)
+            return float(10 * np.log10((a * a).sum() / max(((a - b) ** 2).sum(), 1e-30)))
+        return db(self.ref[:self.n_fit], out[:self.n_fit]), db(self.ref[self.n_fit:], out[self.n_fit:])
+
+
 def table(args) -> None:
     """Score every row in RUNS on the val images and write bench/results/ablation_cnn_MODEL[_TAG].md."""
     from bench.flexround_imagenet import imagenet_baseline
     from onnxflex.runtime.evaluate import evaluate
 
     fp32, val, pp, base = imagenet_baseline(args.model, args.work)
+    from models.build import IMAGENET_SAMPLE
+
+    split = CalibSplit(fp32, args.calib or str(IMAGENET_SAMPLE / "calib"), pp)
     runs = Path(args.runs)
     rows = []
     for row in ROWS:
@@ -141,8 +182,9 @@ def table(args) -> None:
         s, statuses = rep["summary"], [str(r.get("status", "")) for r in rep["regions"]]
         wall = json.loads((runs / f"{row}.wall.json").read_text()) if (runs / f"{row}.wall.json").exists() else {}
         ev = evaluate(str(runs / f"{row}.onnx"), val, ref=str(fp32), preprocess=pp)
+        fit_db, held_db = split.sqnr(runs / f"{row}.onnx")
         rows.append(dict(row=row, change=" ".join(ROWS[row][0]) or "-", why=ROWS[row][1], top1=ev.top1 * 100,
-                         agree=ev.agreement * 100, sqnr=ev.sqnr_db, seconds=wall.get("wall", s["seconds"]),
+                         agree=ev.agreement * 100, sqnr=ev.sqnr_db, fit_sqnr=fit_db, held_sqnr=held_db, seconds=wall.get("wall", s["seconds"]),
                          jobs=wall.get("jobs", 1), peak_mb=s["peak_rss_mb"], gpu_mb=s.get("gpu_peak_mb"),
                          device=s["device"], regions=s["region_mode"], iters=s["iters"],
                          kept_rtn=sum(st.startswith(("kept rtn", "rtn:")) for st in statuses),
@@ -164,16 +206,18 @@ def table(args) -> None:
             f"- time: wall seconds of the row's own process, with `jobs` rows running at once on that machine\n"
             f"- Δ base: top-1 minus the `base` row; kept-RTN: regions whose learned weights lost to RTN held out, "
             f"or had too few rows to learn; kept-GPTQ: regions where GPTQ's rounding won held out\n"
+            f"- out SQNR: on val; fit / held-out: on the first {split.n_fit} calibration images (which the fit saw) "
+            f"and the last {len(split.x) - split.n_fit} (which every fit holds out)\n"
             f"{cle_line}"
             f"- made by: {made_by}\n"
             f"- table: `python bench/ablation_cnn.py {' '.join(sys.argv[1:])}`\n\n")
     lines = ["| row | change | what it asks | regions | iters | top-1 % | Δ FP32 | Δ base | agree % | out SQNR dB | "
-             "kept-RTN | kept-GPTQ | time s (jobs) | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "fit / held-out SQNR dB | kept-RTN | kept-GPTQ | time s (jobs) | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['row']} | `{r['change']}` | {r['why']} | {r['regions']} | {r['iters']} | {r['top1']:.2f} | "
                      f"{r['top1'] - base.top1 * 100:+.2f} | {fmt(None if ref is None else r['top1'] - ref, '+.2f')} | "
-                     f"{r['agree']:.1f} | {fmt(r['sqnr'], '.2f')} | {r['kept_rtn']} | {r.get('kept_gptq', 0)} | "
+                     f"{r['agree']:.1f} | {fmt(r['sqnr'], '.2f')} | {r['fit_sqnr']:.2f} / {r['held_sqnr']:.2f} | {r['kept_rtn']} | {r.get('kept_gptq', 0)} | "
                      f"{r['seconds']:.0f} ({r['jobs']}) | "
                      f"{r['peak_mb']:.0f} |")
     save_results(f"ablation_cnn_{args.model}{'_' + args.tag if args.tag else ''}", head, lines, args, rows)

@@ -141,6 +141,9 @@ def _run_summary(ctx: Context, seconds: float) -> dict:
     outcomes = Counter(_outcome(r.status) for r in ctx.region_reports or [])
     if outcomes:
         summary["region_outcomes"] = dict(sorted(outcomes.items()))
+    corrected = sum(r.bias_corrected for r in ctx.region_reports or [])
+    if corrected:
+        summary["bias_corrected"] = corrected
     if ctx.notes:
         summary["notes"] = list(ctx.notes)
     if ctx.batching is not None and ctx.batching.locked_unit:

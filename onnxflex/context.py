@@ -71,6 +71,7 @@ class WeightResult:
     bits: int
     block_size: int = 0
     zero_point: Optional[np.ndarray] = None  # int32 in scale's shape: asymmetric (unsigned) weights; None = symmetric
+    bias: Optional[np.ndarray] = None  # float32: the op's corrected bias (bias correction), None = as in the model
 
 
 @dataclass
@@ -87,6 +88,8 @@ class RegionReport:
     final_mse: Optional[float] = None  # of what is deployed (RTN when learning did not help)
     learned_mse: Optional[float] = None
     gptq_mse: Optional[float] = None  # GPTQ's rounding, the judge's third candidate (one-op regions)
+    bias_mse: Optional[float] = None  # the deployed weights with the corrected bias
+    bias_corrected: bool = False  # the corrected bias is deployed (bias_mse was below the uncorrected error)
     iters: int = 0
     seconds: float = 0.0
     status: str = ""

@@ -18,10 +18,11 @@ def format_region_table(regions, summary: dict) -> str:
     for r in regions:
         ratio = (r.final_mse / r.rtn_mse) if (r.rtn_mse and r.final_mse is not None and r.rtn_mse > 0) else None
         lines.append(f"{r.name[:34]:<34} {r.kind:<6} {r.loss_form:<6} {_fmt(r.rtn_mse):>10} {_fmt(r.final_mse):>10} "
-                     f"{'-' if ratio is None else f'{ratio:.2f}':>6} {r.seconds:6.1f}  {r.status}")
+                     f"{'-' if ratio is None else f'{ratio:.2f}':>6} {r.seconds:6.1f}  {r.status}"
+                     + (" + bias" if r.bias_corrected else ""))
     keys = ["method", "preset", "iters", "weight_bits", "act_bits", "granularity", "region_mode", "device",
             "calibration_samples", "regions", "weights_quantized", "act_points", "calib_output_sqnr_db",
-            "torch_vs_ort_sqnr_db", "rule_violations", "seconds", "peak_rss_mb", "region_outcomes"]
+            "torch_vs_ort_sqnr_db", "rule_violations", "seconds", "peak_rss_mb", "region_outcomes", "bias_corrected"]
     lines.append("")
     lines.append("  ".join(f"{k}={summary[k]}" for k in keys if k in summary))
     lines += [f"note: {n}" for n in summary.get("notes", [])]

@@ -159,3 +159,61 @@ def test_chunked_accumulation(monkeypatch):
     for a, b in ((full, small), (full_l, small_l)):
         assert torch.allclose(a.G, b.G, rtol=1e-6) and torch.allclose(a.C, b.C, rtol=1e-6, atol=1e-6)
         assert a.count == b.count and torch.allclose(a.r2, b.r2, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["regular", "depthwise_mult2_strided", "strided_padded_asym"])
+def test_bias_shift_is_the_mean_residual_and_the_best_bias(name):
+    """bias_shift(stats, dW) equals the per-channel mean of Y - op(X, W + dW) - b, computed directly,
+    and no other bias (a perturbed one, the original) gives a lower loss for that dW."""
+    from onnxflex.quantizers.gram import bias_shift
+
+    N, cin, H, W, cout, k, stride, pad, dil, g = CONV_CASES[name]
+    gen = torch.Generator().manual_seed(11)
+    x = torch.relu(torch.randn(N, cin, H, W, generator=gen)) + 0.5  # a mean the rounding error carries
+    w = torch.randn(cout, cin // g, k, k, generator=gen) * 0.3
+    b = torch.randn(cout, generator=gen)
+    p4 = (pad,) * 4 if isinstance(pad, int) else pad
+
+    def conv(ww, bb):
+        return F.conv2d(F.pad(x, p4), ww, bb, stride=stride, dilation=dil, groups=g)
+
+    y = conv(w, b) + 0.02 * torch.randn(conv(w, b).shape, generator=gen)
+    stats = conv_gram(x, w, b, y, stride, pad, dil, g, dtype=torch.float64)
+    w_hat = (w / 0.1).round() * 0.1 + 0.01  # rounding with a systematic error
+    shift = bias_shift(stats, w_hat - w)
+    direct = (y - conv(w_hat, b)).double().mean((0, 2, 3))
+    assert _rel(shift, direct) < 1e-6
+    best = F.mse_loss(conv(w_hat, b + shift.float()), y)
+    assert best < F.mse_loss(conv(w_hat, b), y)
+    for _ in range(3):
+        other = b + shift.float() + 0.01 * torch.randn(cout, generator=gen)
+        assert best < F.mse_loss(conv(w_hat, other), y)
+    # a linear layer ([N, K] weight, rows of tokens), and merged mini-batches keep the sums
+    xl = torch.randn(2, 30, 12, generator=gen) + 1.0
+    wl, bl = torch.randn(7, 12, generator=gen), torch.randn(7, generator=gen)
+    yl = F.linear(xl, wl, bl)
+    st = linear_gram(xl[:1], wl, bl, yl[:1]) + linear_gram(xl[1:], wl, bl, yl[1:])
+    wl_hat = wl + 0.05
+    assert _rel(bias_shift(st, wl_hat - wl), (yl - F.linear(xl, wl_hat, bl)).double().mean((0, 1))) < 1e-5
+
+
+def test_linear_gram_float32_statistics_without_a_residual_pass():
+    """linear_gram expands C = YᵀX - W G instead of forming R. In float32 (what the reconstruct pass
+    accumulates in) C's error stays ~1e-6 of YᵀX's size, i.e. it moves the loss's optimum by ~1e-6 of
+    W, far below any rounding step, also where R is tiny or zero (the first quantized layer)."""
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(8192, 96, generator=gen)
+    x[:, :3] *= 30  # the outlier channels of a decoder's activations
+    x += 0.5
+    w, b = torch.randn(40, 96, generator=gen) * 0.05, torch.randn(40, generator=gen)
+    y = F.linear(x, w, b)
+    for noise in (1e-1, 1e-3, 0.0):
+        xq = x + noise * x.std() * torch.randn(x.shape, generator=gen)
+        st = linear_gram(xq, w, b, y, accum_dtype=torch.float32)
+        xd = xq.double()
+        r = y.double() - F.linear(xd, w.double(), b.double())
+        scale = (y.double().T @ xd).norm()
+        assert (st.C.double() - r.T @ xd).norm() / scale < 1e-5, noise
+        assert (st.G[0].double() - xd.T @ xd).norm() / (xd.T @ xd).norm() < 1e-5
+        assert (st.r_sum.double() - r.sum(0)).norm() / y.double().abs().sum(0).norm() < 1e-5
+        assert abs(st.r2.item() - (r * r).sum().item()) < 1e-5 * (y.double() ** 2).sum().item()

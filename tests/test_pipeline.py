@@ -205,18 +205,56 @@ def test_judge_weighs_gptq_for_one_op_regions(tiny_cnn, tiny_calib, tmp_path):
     """Each one-op region gets GPTQ's rounding as a third candidate: its held-out error is reported and
     the deployed error is the lowest of the three; --no-gptq-candidate leaves it out."""
     calib = [{"input": tiny_calib}]
-    res = quantize(str(tiny_cnn), tmp_path / "c.onnx", calib, _cfg(method="flexround", weight_bits=4, iters=20))
+    res = quantize(str(tiny_cnn), tmp_path / "c.onnx", calib, _cfg(method="flexround", weight_bits=4, iters=20,
+                                                                   bias_correction=True))
     gram = [r for r in res.regions if r.loss_form == "gram" and r.learned_mse is not None]
     assert gram and all(r.gptq_mse is not None for r in gram)
     for r in gram:
-        assert r.final_mse == min(r.rtn_mse, r.learned_mse, r.gptq_mse), r
-        assert (r.status == "kept gptq: loss below learned") == (r.final_mse == r.gptq_mse < min(r.rtn_mse, r.learned_mse))
+        best = min(r.rtn_mse, r.learned_mse, r.gptq_mse)
+        # the corrected bias is deployed only below the best of the three
+        assert r.final_mse == (r.bias_mse if r.bias_corrected else best), r
+        assert not r.bias_corrected or r.bias_mse < best
+        assert (r.status == "kept gptq: loss below learned") == (best == r.gptq_mse < min(r.rtn_mse, r.learned_mse))
     kept = sum(r.status.startswith("kept gptq") for r in res.regions)
     assert res.summary["region_outcomes"].get("gptq", 0) == kept
     assert sum(res.summary["region_outcomes"].values()) == len(res.regions)
     off = quantize(str(tiny_cnn), tmp_path / "o.onnx", calib,
                    _cfg(method="flexround", weight_bits=4, iters=20, gptq_candidate=False))
     assert all(r.gptq_mse is None and not r.status.startswith("kept gptq") for r in off.regions)
+
+
+def test_bias_correction_is_judged_and_written(tiny_cnn, tiny_calib, tmp_path):
+    """A corrected bias is deployed only where it lowers the held-out error below every rounding
+    candidate, it is what the written model holds (onnxruntime reproduces the torch model that used
+    it), and --no-bias-correction leaves every bias as the model has it."""
+    from onnxflex.graph import Graph
+
+    calib = [{"input": tiny_calib}]
+    out = tmp_path / "b.onnx"
+    res = quantize(str(tiny_cnn), out, calib, _cfg(method="flexround", weight_bits=4, iters=20, bias_correction=True))
+    assert res.summary["torch_vs_ort_sqnr_db"] > 40
+    corrected = [r for r in res.regions if r.bias_corrected]
+    assert corrected and res.summary["bias_corrected"] == len(corrected)
+    for r in corrected:
+        assert r.bias_mse == r.final_mse < min(r.rtn_mse, r.learned_mse, r.gptq_mse)
+    for r in res.regions:
+        if r.bias_mse is not None and not r.bias_corrected:
+            assert r.bias_mse >= r.final_mse
+    fp = Graph(onnx.load(str(tiny_cnn)))
+    q = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
+
+    def biases(model_inits, names):
+        return {n: model_inits[fp.node_by_name[n].input[2]] for n in names}
+
+    names = {r.weights[0] for r in corrected}
+    fixed = biases(q, names)
+    orig = {n: fp.array(fp.node_by_name[n].input[2]) for n in names}
+    assert all(not np.array_equal(fixed[n], orig[n]) for n in names)
+    off = tmp_path / "o.onnx"
+    res_off = quantize(str(tiny_cnn), off, calib, _cfg(method="flexround", weight_bits=4, iters=20))
+    assert not any(r.bias_corrected or r.bias_mse is not None for r in res_off.regions)
+    q_off = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(off)).graph.initializer}
+    assert all(np.array_equal(biases(q_off, names)[n], orig[n]) for n in names)
 
 
 def _positive_matmul(path, rng):

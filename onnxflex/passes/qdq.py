@@ -82,10 +82,17 @@ def write_qdq(model: onnx.ModelProto, weight_results: dict, act_points: dict, ac
             graph, f"{node_name}_weight_DequantizeLinear", base, _weight_ints(r.integers, r.bits, unsigned), scale,
             _weight_ints(zero, r.bits, unsigned), spec.in_axis if r.block_size else spec.out_axis,
             weight.shape, r.block_size)
+        if r.bias is not None:  # a corrected bias; the model's stays for any other reader
+            old = node.inputs[2]
+            values = np.asarray(r.bias, np.float32).reshape(old.shape)
+            if len(old.outputs) == 1:
+                old.values = values
+            else:
+                node.inputs[2] = gs.Constant(f"{spec.bias}_{node_name}", values)
         point = act_points.get(spec.data_input)
         if (int32_bias and not r.block_size and not unsigned and spec.op_type == "Gemm" and spec.bias and point is not None
                 and node_name in point.consumers):
-            bias = tensors[spec.bias]
+            bias = node.inputs[2]
             b_scale = (np.float32(point.scale) * scale).astype(np.float32)
             b_q = np.round(np.asarray(bias.values, np.float32) / b_scale).astype(np.int32)
             node.inputs[2] = _dequantize(graph, f"{node_name}_bias_DequantizeLinear", f"{base}_bias", b_q, b_scale,

@@ -23,6 +23,7 @@ from ..lift.region import RegionModule
 from ..methods import get_method
 from ..progress import progress_bar
 from ..quantizers.activation import ActQuantizer
+from ..quantizers import gram as gram_mod
 from ..reconstruction.fit import gram_applicable, gram_stats, train_direct, train_gram
 from ..reconstruction.losses import region_mse
 from ..reconstruction.ranges import choose_act_ranges
@@ -190,9 +191,13 @@ class RegionRun:
         bits = self.bits(spec)
         return 7 if bits == 8 and self.cfg.reduce_range else bits
 
-    def build(self, quantizers):
+    def build(self, quantizers, constants: dict | None = None):
+        """The region as a torch module with these weight quantizers; ``constants`` replace initializers
+        (a corrected bias)."""
         r = self.region
-        return RegionModule(r.nodes, self.graph.constants_for(r.nodes), r.inputs, r.outputs, self.graph.opset,
+        consts = self.graph.constants_for(r.nodes)
+        consts.update(constants or {})
+        return RegionModule(r.nodes, consts, r.inputs, r.outputs, self.graph.opset,
                             weight_overrides={w.weight: q for w, q in zip(r.weights, quantizers)},
                             act_quant=self.act_quant,
                             act_consumers={t: set(self.ctx.act_points[t].consumers) for t in self.act_quant}
@@ -224,6 +229,7 @@ class RegionRun:
                             target_providers(ctx.device), spin=False, arena=False)
         y_fp_all = ort_outputs(sess, streams, streams.fp, region.inputs, region.outputs + extra, self.batch, streams.fp)
         y_fp = {o: y_fp_all[o] for o in region.outputs}
+        self.y_fp, self.deployed = y_fp, None
 
         problem = ("no torch lifting for " + ",".join(region.unsupported)) if region.unsupported else self.lift_problem(y_fp)
         if problem:
@@ -254,6 +260,7 @@ class RegionRun:
                                            range(0, min(streams.n_train, RANGE_SAMPLES)), self.batch, self.device)
         rep.rtn_mse = region_mse(rtn_module, streams, streams.q, region.inputs, y_fp, held, self.batch, self.device)
         rep.final_mse, chosen, rep.status = rep.rtn_mse, rtn_q, "rtn"
+        bias = {}
         if active and not any(learned_at_all):
             rep.status = "rtn: 8-bit weight-only weights of a decoder are rounded to nearest"
         elif active and not any(learnable):
@@ -277,14 +284,40 @@ class RegionRun:
                 rep.final_mse, chosen, rep.status = rep.gptq_mse, gptq, "kept gptq: loss below learned"
             if rep.status.startswith("kept rtn"):
                 log.warning("region %s: %s", region.name, rep.status)
-        torch_outputs(self.build(chosen), streams, streams.q, region.inputs, region.outputs, self.batch, self.device,
+            bias = self.corrected_bias(chosen, rep, held)
+        torch_outputs(self.build(chosen, bias), streams, streams.q, region.inputs, region.outputs, self.batch, self.device,
                       streams.q)
         for w, q in zip(region.weights, chosen):
             ctx.weight_results[w.node] = WeightResult(
                 w, q.stored_integers().detach().cpu().numpy().astype(np.int32),
                 q.scale().detach().cpu().numpy().astype(np.float32), self.bits(w), q.block_size,
-                q.zero_point().cpu().numpy() if q.grid == "asymmetric" else None)
+                q.zero_point().cpu().numpy() if q.grid == "asymmetric" else None,
+                None if not bias else bias[w.bias])
         return rep
+
+    def corrected_bias(self, chosen, rep, held) -> dict:
+        """{bias name: corrected bias} for a one-op region whose op has a [Cout] bias, or {}: the bias that
+        cancels the chosen rounding's mean output error on the deployed training inputs (``bias_shift``),
+        kept only where it lowers the held-out error too."""
+        spec = self.region.weights[0] if len(self.region.weights) == 1 else None
+        stats = self.deployed
+        if not self.cfg.bias_correction or stats is None or spec is None or not spec.bias or stats.x_sum is None:
+            return {}
+        b = self.graph.array(spec.bias).astype(np.float32)
+        w = torch.from_numpy(self.graph.array(spec.weight).astype(np.float32)).to(self.device)
+        if b.shape != (stats.C.shape[0],):
+            return {}
+        with torch.no_grad():
+            shift = gram_mod.bias_shift(stats, chosen[0]() - w, spec.out_axis).cpu().numpy()
+        if not np.all(np.isfinite(shift)):
+            return {}
+        bias = {spec.bias: (b + shift).astype(np.float32)}
+        rep.bias_mse = region_mse(self.build(chosen, bias), self.streams, self.streams.q, self.region.inputs, self.y_fp,
+                                  held, self.batch, self.device)
+        if not rep.bias_mse < rep.final_mse:
+            return {}
+        rep.final_mse, rep.bias_corrected = rep.bias_mse, True
+        return bias
 
     def lift_problem(self, y_fp: dict) -> str | None:
         """Why the lifted torch region cannot stand in for ONNX Runtime's (None when it can): it fails
@@ -342,7 +375,9 @@ class RegionRun:
                 gptq_on = cfg.gptq_candidate if cfg.gptq_candidate is not None else not self.ctx.traits.decoder
                 wants_gptq = gptq_on and method.fit == "adam" and bool(learnable[0])
                 stats, deployed = gram_stats(graph, spec, act, streams, y_fp_all[graph.node_by_name[spec.node].output[0]],
-                                             min(cfg.batch_size, streams.n_train), drop, rng, gen, device, wants_gptq)
+                                             min(cfg.batch_size, streams.n_train), drop, rng, gen, device,
+                                             wants_gptq or (cfg.bias_correction and bool(spec.bias)))
+                self.deployed = deployed
                 if method.fit == "solve":
                     # with and without the input-error correction; the held-out samples choose
                     rep.loss_form = "closed-form"
