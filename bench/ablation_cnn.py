@@ -184,7 +184,8 @@ def table(args) -> None:
         ev = evaluate(str(runs / f"{row}.onnx"), val, ref=str(fp32), preprocess=pp)
         fit_db, held_db = split.sqnr(runs / f"{row}.onnx")
         rows.append(dict(row=row, change=" ".join(ROWS[row][0]) or "-", why=ROWS[row][1], top1=ev.top1 * 100,
-                         agree=ev.agreement * 100, sqnr=ev.sqnr_db, fit_sqnr=fit_db, held_sqnr=held_db, seconds=wall.get("wall", s["seconds"]),
+                         agree=ev.agreement * 100, sqnr=ev.sqnr_db, fit_sqnr=fit_db, held_sqnr=held_db,
+                         seconds=wall.get("wall", s["seconds"]),
                          jobs=wall.get("jobs", 1), peak_mb=s["peak_rss_mb"], gpu_mb=s.get("gpu_peak_mb"),
                          device=s["device"], regions=s["region_mode"], iters=s["iters"],
                          kept_rtn=sum(st.startswith(("kept rtn", "rtn:")) for st in statuses),
@@ -217,7 +218,8 @@ def table(args) -> None:
     for r in rows:
         lines.append(f"| {r['row']} | `{r['change']}` | {r['why']} | {r['regions']} | {r['iters']} | {r['top1']:.2f} | "
                      f"{r['top1'] - base.top1 * 100:+.2f} | {fmt(None if ref is None else r['top1'] - ref, '+.2f')} | "
-                     f"{r['agree']:.1f} | {fmt(r['sqnr'], '.2f')} | {r['fit_sqnr']:.2f} / {r['held_sqnr']:.2f} | {r['kept_rtn']} | {r.get('kept_gptq', 0)} | "
+                     f"{r['agree']:.1f} | {fmt(r['sqnr'], '.2f')} | {r['fit_sqnr']:.2f} / {r['held_sqnr']:.2f} | "
+                     f"{r['kept_rtn']} | {r.get('kept_gptq', 0)} | "
                      f"{r['seconds']:.0f} ({r['jobs']}) | "
                      f"{r['peak_mb']:.0f} |")
     save_results(f"ablation_cnn_{args.model}{'_' + args.tag if args.tag else ''}", head, lines, args, rows)
