@@ -4,8 +4,9 @@ accumulation, float16 stream inputs).
 
 Why: at the protocol's 128 windows the statistics are a fixed cost of every linear region, paid
 before any Adam step; this isolates it. Random weights and inputs (the cost does not depend on their
-values). Runs on the code it is checked out with: before 2026-11-29 (ce73c51) linear_gram formed
-the residual R = Y - X Wᵀ with a third product; after, C = YᵀX - W G.
+values). Runs on the code it is checked out with: gram_stats_before.md is ce73c51 (C from the
+residual R = Y - X Wᵀ, a third product; the shipped form), gram_stats.md is d83cd18 (C = YᵀX - W G,
+measured and reverted for its float32 error: README, "Decoder LM").
 
     python bench/gram_stats.py [--rows 16384] [--repeats 3] [--name gram_stats]
 """

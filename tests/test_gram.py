@@ -198,9 +198,8 @@ def test_bias_shift_is_the_mean_residual_and_the_best_bias(name):
 
 
 def test_linear_gram_float32_statistics_without_a_residual_pass():
-    """linear_gram expands C = YᵀX - W G instead of forming R. In float32 (what the reconstruct pass
-    accumulates in) C's error stays ~1e-6 of YᵀX's size, i.e. it moves the loss's optimum by ~1e-6 of
-    W, far below any rounding step, also where R is tiny or zero (the first quantized layer)."""
+    """In float32 (what the reconstruct pass accumulates in) the statistics stay close to a float64
+    residual's, with outlier channels, for large, small and zero residuals (the first quantized layer)."""
     gen = torch.Generator().manual_seed(12)
     x = torch.randn(8192, 96, generator=gen)
     x[:, :3] *= 30  # the outlier channels of a decoder's activations
@@ -213,7 +212,9 @@ def test_linear_gram_float32_statistics_without_a_residual_pass():
         xd = xq.double()
         r = y.double() - F.linear(xd, w.double(), b.double())
         scale = (y.double().T @ xd).norm()
-        assert (st.C.double() - r.T @ xd).norm() / scale < 1e-5, noise
+        assert (st.C.double() - r.T @ xd).norm() / scale < 1e-6, noise
+        if noise:  # formed from R, C's error scales with R itself (the expansion YᵀX - W G measured 3e-2 at 1e-3)
+            assert _rel(st.C.double(), r.T @ xd) < 2e-3, noise
         assert (st.G[0].double() - xd.T @ xd).norm() / (xd.T @ xd).norm() < 1e-5
         assert (st.r_sum.double() - r.sum(0)).norm() / y.double().abs().sum(0).norm() < 1e-5
         assert abs(st.r2.item() - (r * r).sum().item()) < 1e-5 * (y.double() ** 2).sum().item()
