@@ -229,7 +229,6 @@ class RegionRun:
                             target_providers(ctx.device), spin=False, arena=False)
         y_fp_all = ort_outputs(sess, streams, streams.fp, region.inputs, region.outputs + extra, self.batch, streams.fp)
         y_fp = {o: y_fp_all[o] for o in region.outputs}
-        self.y_fp, self.deployed = y_fp, None
 
         problem = ("no torch lifting for " + ",".join(region.unsupported)) if region.unsupported else self.lift_problem(y_fp)
         if problem:
@@ -268,7 +267,7 @@ class RegionRun:
         elif active and method.fit == "solve" and not gram_applicable(graph, region):
             rep.status = f"rtn: {method.name} needs a one-op region"
         elif active:
-            learned, gptq = self.fit(method, learnable, y_fp, y_fp_all, rep, held)
+            learned, gptq, deployed = self.fit(method, learnable, y_fp, y_fp_all, rep, held)
             rep.learned_mse = region_mse(self.build(learned), streams, streams.q, region.inputs, y_fp, held, self.batch,
                                          self.device)
             if gptq is not None:
@@ -284,7 +283,7 @@ class RegionRun:
                 rep.final_mse, chosen, rep.status = rep.gptq_mse, gptq, "kept gptq: loss below learned"
             if rep.status.startswith("kept rtn"):
                 log.warning("region %s: %s", region.name, rep.status)
-            bias = self.corrected_bias(chosen, rep, held)
+            bias = self.corrected_bias(chosen, deployed, y_fp, rep, held)
         torch_outputs(self.build(chosen, bias), streams, streams.q, region.inputs, region.outputs, self.batch, self.device,
                       streams.q)
         for w, q in zip(region.weights, chosen):
@@ -295,12 +294,11 @@ class RegionRun:
                 None if not bias else bias[w.bias])
         return rep
 
-    def corrected_bias(self, chosen, rep, held) -> dict:
+    def corrected_bias(self, chosen, stats, y_fp, rep, held) -> dict:
         """{bias name: corrected bias} for a one-op region whose op has a [Cout] bias, or {}: the bias that
         cancels the chosen rounding's mean output error on the deployed training inputs (``bias_shift``),
-        kept only where it lowers the held-out error too."""
+        kept only where it lowers the held-out error too. ``stats``: the fit's deployed-input statistics."""
         spec = self.region.weights[0] if len(self.region.weights) == 1 else None
-        stats = self.deployed
         if not self.cfg.bias_correction or stats is None or spec is None or not spec.bias or stats.x_sum is None:
             return {}
         b = self.graph.array(spec.bias).astype(np.float32)
@@ -312,7 +310,7 @@ class RegionRun:
         if not np.all(np.isfinite(shift)):
             return {}
         bias = {spec.bias: (b + shift).astype(np.float32)}
-        rep.bias_mse = region_mse(self.build(chosen, bias), self.streams, self.streams.q, self.region.inputs, self.y_fp,
+        rep.bias_mse = region_mse(self.build(chosen, bias), self.streams, self.streams.q, self.region.inputs, y_fp,
                                   held, self.batch, self.device)
         if not rep.bias_mse < rep.final_mse:
             return {}
@@ -347,10 +345,11 @@ class RegionRun:
 
     def fit(self, method, learnable, y_fp, y_fp_all, rep, held) -> tuple:
         """The method's fit: Adam on the Gram form or on real passes, or a closed-form solve.
-        Returns (the learned quantizers, GPTQ's for the judge to weigh or None)."""
+        Returns (the learned quantizers, GPTQ's for the judge to weigh or None, the deployed-input Gram
+        statistics of a one-op region when GPTQ or bias correction asked for them, else None)."""
         graph, region, streams, cfg, device = self.graph, self.region, self.streams, self.cfg, self.device
         learned = self.quantizers(method, learnable)
-        gptq = None
+        gptq = deployed = None
         seed = cfg.seed + 7919 * region.index
         rng = np.random.default_rng(seed)
         gen = torch.Generator(device=device).manual_seed(seed)
@@ -377,7 +376,6 @@ class RegionRun:
                 stats, deployed = gram_stats(graph, spec, act, streams, y_fp_all[graph.node_by_name[spec.node].output[0]],
                                              min(cfg.batch_size, streams.n_train), drop, rng, gen, device,
                                              wants_gptq or (cfg.bias_correction and bool(spec.bias)))
-                self.deployed = deployed
                 if method.fit == "solve":
                     # with and without the input-error correction; the held-out samples choose
                     rep.loss_form = "closed-form"
@@ -407,7 +405,7 @@ class RegionRun:
         for m in self.act_quant.values():
             m.eval()
         rep.iters = cfg.iters
-        return learned, gptq
+        return learned, gptq, deployed
 
     def gptq_candidate(self, deployed, learnable) -> list:
         """GPTQ's integers for a one-op region on the learned method's grid, from the deployed-input
