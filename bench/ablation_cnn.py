@@ -130,9 +130,6 @@ def run(args) -> None:
         list(pool.map(one, rows))
 
 
-HELD_OUT = 32  # the last calibration images, which the reconstruct pass holds out of every fit (its EVAL_SAMPLES)
-
-
 class CalibSplit:
     """Output SQNR against FP32 on the calibration images the fit saw (the first 224 of 256) and on the 32
     it held out. A gap between the two is what the fit learned about those images rather than the model:
@@ -140,13 +137,14 @@ class CalibSplit:
 
     def __init__(self, fp32, calib, pp, size=256):
         from onnxflex.calib.load import load_calibration
+        from onnxflex.passes.reconstruct import held_out_count
         from onnxflex.runtime.session import input_specs, make_session
 
         sess = make_session(str(fp32), optimization="disable")
         self.name = sess.get_inputs()[0].name
         cal = load_calibration(calib, input_specs(sess), size=size, preprocess=pp)
         self.x = cal.joined(cal.samples)[self.name]
-        self.n_fit = len(self.x) - min(HELD_OUT, len(self.x) // 8)
+        self.n_fit = len(self.x) - held_out_count(len(self.x))
         self.ref = self.run(sess)
 
     def run(self, sess):

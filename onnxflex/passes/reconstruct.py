@@ -42,6 +42,12 @@ EVAL_CHUNK_BYTES = 32 << 20  # see eval_batch()
 LIFT_TOLERANCE = 1e-3  # relative output error of the lifted FP32 region against onnxruntime's
 
 
+def held_out_count(n: int, unit: int = 1) -> int:
+    """How many of n calibration samples (the last ones) every fit holds out for the judge: EVAL_SAMPLES,
+    at most an eighth, none below 16, in whole units of a graph locked to ``unit`` samples a run."""
+    return (min(EVAL_SAMPLES, n // 8) if n >= 16 else 0) // unit * unit
+
+
 def determined(graph: Graph, ctx, spec, n: int) -> bool:
     """Learn a weight's rounding only when the calibration data pins it down: at least
     ROWS_PER_INPUT rows (samples x output positions) per weight input (K). An FC layer fed by
@@ -103,7 +109,7 @@ class ReconstructPass(Pass):
         if n == 0:
             raise OnnxflexError(f"the model runs {unit} samples at a time but the calibration data holds "
                                 f"{ctx.calibration.num_samples}; give at least {unit} samples")
-        n_hold = (min(EVAL_SAMPLES, n // 8) if n >= 16 else 0) // unit * unit
+        n_hold = held_out_count(n, unit)
         mask = ctx.calibration.token_mask
         compact = cfg.stream_precision == "float16"
         streams = Streams(TensorStore(budget, compact=compact), TensorStore(budget, compact=compact), n, n - n_hold,
