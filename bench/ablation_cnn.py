@@ -32,6 +32,7 @@ ROWS = {
     "base": ([], "the shipped default"),
     "w4a32": (["--act-bits", "0"], "weights only: what the activations cost"),
     "qdrop-off": (["--drop-prob", "0"], "no QDrop (quantized inputs always)"),
+    "qdrop-off-seed1": (["--drop-prob", "0", "--seed", "1"], "no QDrop, seed 1"),
     "lsq-off": (["--act-lr", "0"], "activation steps kept as calibrated (no LSQ)"),
     "range-mse": (["--calib-method", "mse"], "activation ranges by MSE instead of percentile"),
     "range-minmax": (["--calib-method", "minmax"], "activation ranges by min/max"),

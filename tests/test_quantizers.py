@@ -189,6 +189,29 @@ def test_init_scale_argument_and_factory_errors():
         make_weight_quantizer("nope", w, 4, 0, 1)
 
 
+@pytest.mark.parametrize("grid,block", [("narrow", 0), ("signed", 16), ("asymmetric", 0), ("asymmetric", 16)])
+def test_initial_grid_handed_on_is_the_same_grid(grid, block, monkeypatch):
+    """A quantizer built from another's initial_grid() starts on the same scales (and zero points) bit
+    for bit, without searching the range again."""
+    import onnxflex.quantizers.grid as grid_mod
+
+    w = _weight((40, 24), seed=3)
+    first = make_weight_quantizer("rtn", w, 4, 1, 0, block_size=block, grid=grid)
+
+    def no_search(*a, **k):
+        raise AssertionError("the range was searched again")
+    monkeypatch.setattr(grid_mod, "init_weight_scale", no_search)
+    monkeypatch.setattr(grid_mod, "init_weight_zero_scale", no_search)
+    for method in ("flexround", "gptq", "rtn"):
+        q = make_weight_quantizer(method, w, 4, 1, 0, block_size=block, grid=grid, init_scale=first.initial_grid())
+        assert torch.equal(q.log_s_init, first.log_s_init) and torch.equal(q.scale_sign, first.scale_sign)
+        assert torch.equal(q.zero, first.zero)
+        assert torch.equal(q.integers(), first.integers()) and torch.equal(q.scale(), first.scale())
+    if grid == "asymmetric":
+        with pytest.raises(ValueError, match="zero point"):
+            make_weight_quantizer("rtn", w, 4, 1, 0, block_size=block, grid=grid, init_scale=first.initial_grid()[0])
+
+
 def test_lp_init_beats_minmax_with_outliers():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(32, 256, generator=g)

@@ -178,6 +178,7 @@ class RegionRun:
         self.own_acts = {t: m for t, m in self.act_quant.items() if owners.get(t) == region.index}
         self.first_last = first_last
         self.rtn = get_method("rtn")  # the baseline every region is judged against
+        self.initial_grids = {}  # weight name -> its quantizers' initial scale (see quantizers())
 
     def bits(self, spec) -> int:
         cfg = self.cfg
@@ -214,11 +215,18 @@ class RegionRun:
         return self.cfg.block_size if spec.op_type in ("MatMul", "Gemm") else 0
 
     def quantizers(self, method, learnable):
-        return [(method if ok else self.rtn).make_quantizer(
-                    torch.from_numpy(self.graph.array(w.weight).astype(np.float32)), self.grid_bits(w), w.out_axis,
-                    w.in_axis, per_channel=self.cfg.granularity == "channel", block_size=self.block_size(w),
-                    grid=self.ctx.target.weight_grid(self.cfg.act_bits, self.grid_bits(w), self.cfg.asymmetric)).to(self.device)
-                for w, ok in zip(self.region.weights, learnable)]
+        """One quantizer per weight of the region; every method starts from the same initial grid,
+        searched once per weight (the first quantizer's) and handed to the next ones."""
+        out = []
+        for w, ok in zip(self.region.weights, learnable):
+            q = (method if ok else self.rtn).make_quantizer(
+                torch.from_numpy(self.graph.array(w.weight).astype(np.float32)), self.grid_bits(w), w.out_axis,
+                w.in_axis, per_channel=self.cfg.granularity == "channel", block_size=self.block_size(w),
+                grid=self.ctx.target.weight_grid(self.cfg.act_bits, self.grid_bits(w), self.cfg.asymmetric),
+                init_scale=self.initial_grids.get(w.weight))
+            self.initial_grids.setdefault(w.weight, q.initial_grid())
+            out.append(q.to(self.device))
+        return out
 
     def run(self) -> RegionReport:
         graph, ctx, region, streams, cfg = self.graph, self.ctx, self.region, self.streams, self.cfg
