@@ -137,3 +137,23 @@ def test_deployed_statistics_come_from_the_quantized_stream_alone():
     assert not torch.allclose(sum(mixed[1:], mixed[0]).G, want.G, rtol=1e-3)  # QDrop did mix the FP stream in
     _, same = run(0.0, True)  # no mixing: the deployed total is the sum of the training statistics
     torch.testing.assert_close(same.G, want.G)
+
+
+def test_drop_mask_draws_each_element_with_probability_p():
+    from onnxflex.reconstruction.fit import drop_mask, mix
+
+    shape = (7, 3, 101, 13)  # an element count that is not a multiple of 8
+    for p in (0.5, 0.25, 0.9):
+        m = drop_mask(shape, p, torch.Generator().manual_seed(0), "cpu")
+        assert m.dtype == torch.bool and m.shape == shape
+        assert abs(float(m.float().mean()) - p) < 0.01
+        assert torch.equal(m, drop_mask(shape, p, torch.Generator().manual_seed(0), "cpu"))  # the seed decides it
+    a = drop_mask(shape, 0.5, torch.Generator().manual_seed(0), "cpu")
+    assert not torch.equal(a, drop_mask(shape, 0.5, torch.Generator().manual_seed(1), "cpu"))
+    # neighbouring elements are independent: a byte per element, not one draw per 64-bit word
+    flat = a.reshape(-1)[: a.numel() // 8 * 8].reshape(-1, 8).float()
+    assert abs(float((flat[:, 0] == flat[:, 1]).float().mean()) - 0.5) < 0.02
+    q, f = torch.zeros(shape), torch.ones(shape)
+    mixed = mix(q, f, 0.5, torch.Generator().manual_seed(0))
+    assert torch.equal(mixed.bool(), a)  # FP where the mask drops, the quantized stream elsewhere
+    assert mix(q, f, 0.001, None) is q and mix(q, f, 0.999, None) is f  # p on the 1/256 grid: none / all
