@@ -113,7 +113,7 @@ def main(verbose):
 @click.option("--batch-size", type=int, default=None)
 @click.option("--lr", type=float, default=None, help="learning rate of the rounding parameters")
 @click.option("--act-lr", type=float, default=None, help="learning rate of the activation steps (LSQ); 0 = keep calibrated")
-@click.option("--drop-prob", type=float, default=None, help="QDrop probability (default 0.5 with activations)")
+@click.option("--drop-prob", type=float, default=None, help="QDrop probability, in steps of 1/256 (default 0.5 with activations)")
 @click.option("--calib-size", type=int, default=256, show_default=True, help="calibration samples used")
 @click.option("--augment", type=int, default=0, show_default=True,
               help="extra random-crop views per calibration image (image folders)")

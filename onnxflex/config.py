@@ -46,7 +46,7 @@ class QuantConfig:
     batch_size: Optional[int] = None
     lr: Optional[float] = None
     act_lr: Optional[float] = None
-    drop_prob: Optional[float] = None  # QDrop: P(feed FP input); default 0.5 when activations are quantized
+    drop_prob: Optional[float] = None  # QDrop: P(feed FP input), rounded to 1/256; default 0.5 when activations are quantized
     calib_size: int = 256  # calibration samples (images, for a folder)
     augment: int = 0  # extra random-crop views per calibration image
     # activation range: auto (minmax in attention models, else percentile: passes/calibrate.py) |
