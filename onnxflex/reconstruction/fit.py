@@ -28,9 +28,10 @@ def drop_mask(shape, p: float, gen, device) -> torch.Tensor:
 def mix(q, f, p, gen):
     """QDrop: element-wise, feed the FP input with probability p (dropping the quantization error
     upstream), the quantized-stream input otherwise. p = 0: always the quantized stream."""
-    if round(p * 256) <= 0 or not q.is_floating_point():
+    level = round(p * 256)  # drop_mask's grid
+    if level <= 0 or not q.is_floating_point():
         return q
-    if round(p * 256) >= 256:
+    if level >= 256:
         return f
     return torch.where(drop_mask(q.shape, p, gen, q.device), f, q)
 
