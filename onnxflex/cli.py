@@ -153,6 +153,8 @@ def main(verbose):
 @click.option("--bias-correction/--no-bias-correction", default=False, show_default=True,
               help="a Conv/Gemm region's bias absorbs the mean output error of its rounded weights (kept where "
                    "held-out calibration samples confirm it; off by default, see the README)")
+@click.option("--gram-positions", type=int, default=QuantConfig.gram_positions, show_default=True,
+              help="output positions per sample a conv's Gram statistics read (every k-th row of a larger map; 0: all)")
 @click.option("--no-judge", is_flag=True, hidden=True, help="ablation: keep learned weights even where RTN does better held out")
 @click.option("--no-row-guard", is_flag=True, hidden=True, help="ablation: learn weights with too few calibration rows too")
 @click.option("--element-lr-scale", type=float, default=None,
@@ -165,7 +167,8 @@ def main(verbose):
 def quantize(model, calib, output, method, weight_bits, act_bits, granularity, block_size, asymmetric, regions, preset, iters, batch_size,
              lr, act_lr, drop_prob, calib_size, augment, calib_method, first_last_bits, exclude, cle, awq, quantize_attention,
              tokenizer, max_length, seq_len, device, tf32, max_memory, stream_precision,
-             target, reduce_range, report, seed, gptq_candidate, bias_correction, no_judge, no_row_guard, element_lr_scale, checks, quiet,
+             target, reduce_range, report, seed, gptq_candidate, bias_correction, gram_positions, no_judge, no_row_guard,
+             element_lr_scale, checks, quiet,
              preprocess, size, resize, mean, std):
     """Quantize MODEL with calibration data and write a QDQ ONNX model."""
     from .api import quantize as run_quantize
@@ -179,6 +182,7 @@ def quantize(model, calib, output, method, weight_bits, act_bits, granularity, b
                       max_memory=max_memory, stream_precision=stream_precision, target=target,
                       reduce_range=reduce_range,
                       judge=not no_judge, row_guard=not no_row_guard, gptq_candidate=gptq_candidate, bias_correction=bias_correction,
+                      gram_positions=gram_positions,
                       element_lr_scale=element_lr_scale,
                       checks=checks, progress=not quiet)
     source = calib[0] if len(calib) == 1 else list(calib)

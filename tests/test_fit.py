@@ -1,6 +1,7 @@
 """The reconstruction loop's options (S2's own learning rate, early stopping on held-out error) and the
 Gram statistics it trains on."""
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -139,6 +140,93 @@ def test_deployed_statistics_come_from_the_quantized_stream_alone():
     torch.testing.assert_close(same.G, want.G)
 
 
+def _conv_problem(kernel, pads, strides, seed=0):
+    """A one-Conv graph on 10x10 inputs and its quantized / FP streams (the target is the FP output)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxflex.graph import Graph
+
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((6, 4, kernel, kernel)).astype(np.float32)
+    b = rng.standard_normal(6).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", pads=pads, strides=strides)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 10, 10])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    graph = Graph(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    fp = rng.standard_normal((16, 4, 10, 10)).astype(np.float32)
+    q = fp + 0.1 * rng.standard_normal(fp.shape).astype(np.float32)
+    y = F.conv2d(torch.from_numpy(fp), torch.from_numpy(w), torch.from_numpy(b), stride=strides,
+                 padding=pads[:2]).numpy()
+    return graph, graph.weighted_nodes()[0], _Streams(q, fp, 16), q, w, b, y
+
+
+@pytest.mark.parametrize("kernel,pads,strides", [(1, [0, 0, 0, 0], [1, 1]), (3, [1, 1, 1, 1], [1, 1]),
+                                                 (3, [1, 1, 1, 1], [2, 2])])
+def test_gram_positions_read_every_kth_row_and_scale_the_sums_back(kernel, pads, strides):
+    """With ``positions`` below a map's size, batch k's statistics are those of output rows k mod step,
+    k mod step + step, ... times (rows / rows read): an estimate of the whole map's sums, and the batches
+    between them read every row. A 1x1 conv takes its rows before the mixing (its own path)."""
+    from onnxflex.quantizers.gram import conv_gram
+    from onnxflex.reconstruction.fit import gram_stats, row_step
+
+    graph, spec, streams, q, w, b, y = _conv_problem(kernel, pads, strides)
+    ho = y.shape[2]
+    assert row_step(y.shape, 0) == 1 and row_step(y.shape, ho * ho) == 1 and row_step(y.shape, 1) == ho
+    step = row_step(y.shape, ho * ho // 2)
+    assert step == 2
+
+    def run(positions):
+        return gram_stats(graph, spec, None, streams, y, 4, 0.0, np.random.default_rng(1),
+                          torch.Generator().manual_seed(2), "cpu", False, positions)[0]
+
+    full, sub = run(0), run(ho * ho // 2)
+    batches = _Streams(q, q, 16).shuffled(np.random.default_rng(1), 16, 4)
+    tw, tb = torch.from_numpy(w), torch.from_numpy(b)
+    for k, (idx, st) in enumerate(zip(batches, sub)):
+        rows = list(range(k % step, ho, step))
+        ref = conv_gram(torch.from_numpy(q[idx]), tw, tb, torch.from_numpy(y[idx]), strides, pads[0], 1, 1)
+        part = conv_gram(torch.from_numpy(q[idx]), tw, tb, torch.from_numpy(y[idx]), strides, pads[0], 1, 1,
+                         row_step=step, row_offset=k % step)
+        torch.testing.assert_close(st.G, part.G)
+        assert st.count == ref.count == full[k].count
+        # the phases of one batch, each weighted by its share of the rows, add up to the whole map's sums
+        shares = [len(range(o, ho, step)) / ho for o in range(step)]
+        parts = [conv_gram(torch.from_numpy(q[idx]), tw, tb, torch.from_numpy(y[idx]), strides, pads[0], 1, 1,
+                           row_step=step, row_offset=o) for o in range(step)]
+        torch.testing.assert_close(sum(p.G * f for p, f in zip(parts, shares)), ref.G, rtol=1e-5, atol=1e-3)
+        torch.testing.assert_close(sum(p.C * f for p, f in zip(parts, shares)), ref.C, rtol=1e-5, atol=1e-3)
+        assert not torch.allclose(st.G, ref.G, rtol=1e-2)  # a real subset
+        # the rows read, summed unscaled, are exactly the direct statistics of those rows
+        yrows = torch.from_numpy(y[idx])[:, :, rows]
+        direct = F.conv2d(torch.from_numpy(q[idx]), tw, tb, stride=strides, padding=pads[0])[:, :, rows]
+        r2 = ((yrows - direct) ** 2).sum()
+        torch.testing.assert_close(st.r2 * len(rows) / ho, r2, rtol=1e-4, atol=1e-4)
+    # every row is read by some batch: the phases alternate
+    assert {k % step for k in range(len(batches))} == set(range(step))
+
+
+def test_depthwise_statistics_in_one_product_match_the_general_path():
+    """A depthwise conv's G, C and ||R||² come out of one product (R as an extra tap); the grouped path
+    (two channels per group) must agree with it on the same channels."""
+    from onnxflex.quantizers.gram import conv_gram
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 6, 9, 9, generator=g)
+    w = torch.randn(6, 1, 3, 3, generator=g)
+    b = torch.randn(6, generator=g)
+    y = F.conv2d(x + 0.1 * torch.randn(x.shape, generator=g), w, b, padding=1, groups=6)
+    dw = conv_gram(x, w, b, y, 1, 1, 1, 6)
+    # the same channels as six one-channel convs, each through the regular path
+    for c in range(6):
+        one = conv_gram(x[:, c:c + 1], w[c:c + 1], b[c:c + 1], y[:, c:c + 1], 1, 1, 1, 1)
+        torch.testing.assert_close(dw.G[c], one.G[0], rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(dw.C[c], one.C[0], rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(dw.x_sum[c], one.x_sum[0], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(dw.r2, ((F.conv2d(x, w, b, padding=1, groups=6) - y) ** 2).sum(), rtol=1e-5, atol=1e-4)
+    assert conv_gram(x, w, b, y, 1, 1, 1, 6, sums=False).x_sum is None
+
+
 def test_drop_mask_draws_each_element_with_probability_p():
     from onnxflex.reconstruction.fit import drop_mask, mix
 
@@ -157,3 +245,12 @@ def test_drop_mask_draws_each_element_with_probability_p():
     mixed = mix(q, f, 0.5, torch.Generator().manual_seed(0))
     assert torch.equal(mixed.bool(), a)  # FP where the mask drops, the quantized stream elsewhere
     assert mix(q, f, 0.001, None) is q and mix(q, f, 0.999, None) is f  # p on the 1/256 grid: none / all
+
+
+def test_negative_gram_positions_is_a_user_error():
+    from onnxflex.config import QuantConfig
+    from onnxflex.errors import OnnxflexError
+
+    assert QuantConfig(gram_positions=0).resolved().gram_positions == 0
+    with pytest.raises(OnnxflexError, match="--gram-positions"):
+        QuantConfig(gram_positions=-1).resolved()

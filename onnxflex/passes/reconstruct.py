@@ -389,7 +389,8 @@ class RegionRun:
                 wants_gptq = gptq_on and method.fit == "adam" and bool(learnable[0])
                 stats, deployed = gram_stats(graph, spec, act, streams, y_fp_all[graph.node_by_name[spec.node].output[0]],
                                              min(cfg.batch_size, streams.n_train), drop, rng, gen, device,
-                                             wants_gptq or (cfg.bias_correction and bool(spec.bias)))
+                                             wants_gptq or (cfg.bias_correction and bool(spec.bias)),
+                                             cfg.gram_positions, cfg.bias_correction)
                 if method.fit == "solve":
                     # with and without the input-error correction; the held-out samples choose
                     rep.loss_form = "closed-form"

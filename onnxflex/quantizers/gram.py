@@ -74,6 +74,14 @@ class GramStats:
         """C as [K, Cout], the layout of a MatMul weight, made once for the per-step loss."""
         return self.C.T.contiguous()
 
+    def scaled(self, f: float) -> "GramStats":
+        """The sums times f (count too): statistics of a subset of the output positions, made to
+        estimate the sums over all of them (``conv_gram``'s ``row_step``)."""
+        if f == 1:
+            return self
+        sums = (None, None) if self.x_sum is None else (self.x_sum * f, self.r_sum * f)
+        return GramStats(self.G * f, self.C * f, self.r2 * f, round(self.count * f), self.samples, *sums)
+
     def to(self, *args, **kwargs) -> "GramStats":
         sums = (None, None) if self.x_sum is None else (self.x_sum.to(*args, **kwargs), self.r_sum.to(*args, **kwargs))
         return GramStats(self.G.to(*args, **kwargs), self.C.to(*args, **kwargs), self.r2.to(*args, **kwargs),
@@ -114,32 +122,35 @@ def _pair(v, nd: int) -> Tuple[int, ...]:
     return v
 
 
-def _patches(xp: Tensor, kh: int, kw: int, stride, dilation, ho: int, wo: int) -> Tensor:
-    """F.unfold's [n, Cin*kh*kw, Ho*Wo] patches of an already padded input, built from kh*kw strided
-    views (2x faster than im2col on this CPU for 3x3 depthwise, and a plain view for a 1x1 conv)."""
-    n, c = xp.shape[:2]
+def _taps(xp: Tensor, kh: int, kw: int, stride, dilation, ho: int, wo: int) -> list:
+    """The kh*kw strided views [n, Cin, ho, wo] of an already padded input that a conv's taps read, in
+    F.unfold's order. Stacked on axis 2 they are its patches (2x faster than im2col on this CPU for a
+    3x3 depthwise conv; a plain view for a 1x1 conv)."""
     (sh, sw), (dh, dw) = stride, dilation
     if kh == kw == 1 and sh == sw == 1:
-        return xp[:, :, :ho, :wo].reshape(n, c, ho * wo)
-    taps = [xp[:, :, i * dh: i * dh + (ho - 1) * sh + 1: sh, j * dw: j * dw + (wo - 1) * sw + 1: sw]
+        return [xp[:, :, :ho, :wo]]
+    return [xp[:, :, i * dh: i * dh + (ho - 1) * sh + 1: sh, j * dw: j * dw + (wo - 1) * sw + 1: sw]
             for i in range(kh) for j in range(kw)]
-    return torch.stack(taps, 2).reshape(n, c * kh * kw, ho * wo)
 
 
 def conv_gram(x: Tensor, w: Tensor, b: Optional[Tensor], y: Tensor, stride=1, padding=0, dilation=1,
               groups: int = 1, accum_dtype: torch.dtype = torch.float64,
-              dtype: torch.dtype = torch.float32) -> GramStats:
+              dtype: torch.dtype = torch.float32, row_step: int = 1, row_offset: int = 0,
+              sums: bool = True) -> GramStats:
     """Gram statistics of a 2-D (or 1-D) convolution.
 
     x: [N, Cin, H, W] (or [N, Cin, L]); w: [Cout, Cin/g, kh, kw]; b: [Cout] or None;
     y: the FP target of the op's linear output [N, Cout, Ho, Wo].
     padding: int, (ph, pw) symmetric, or (left, right, top, bottom) in F.pad order — note ONNX's
     ``pads`` are (top, left, bottom, right); for 1-D: int or (left, right).
+    ``row_step``, ``row_offset``: use only the output rows row_offset, row_offset + row_step, ...; the
+    sums are scaled by (output rows / rows used) so they estimate the sums over every position.
+    ``sums``: also the column sums ``bias_shift`` needs (x_sum, r_sum; a pass over the patches).
     """
     if x.ndim == 3:  # 1-D conv as a 2-D conv of height 1
         pl, pr = _pad4(padding, 1)
         return conv_gram(x.unsqueeze(2), w.unsqueeze(2), b, y.unsqueeze(2), (1, _pair(stride, 1)[0]),
-                         (pl, pr, 0, 0), (1, _pair(dilation, 1)[0]), groups, accum_dtype, dtype)
+                         (pl, pr, 0, 0), (1, _pair(dilation, 1)[0]), groups, accum_dtype, dtype, sums=sums)
     if x.ndim != 4 or w.ndim != 4:
         raise ValueError(f"conv_gram supports 1-D and 2-D convs, got x {tuple(x.shape)}, w {tuple(w.shape)}")
     stride, dilation = _pair(stride, 2), _pair(dilation, 2)
@@ -150,6 +161,12 @@ def conv_gram(x: Tensor, w: Tensor, b: Optional[Tensor], y: Tensor, stride=1, pa
         raise ValueError(f"channels do not match groups={g}: x {tuple(x.shape)}, w {tuple(w.shape)}")
     K, og = cin_g * kh * kw, cout // g
     N = x.shape[0]
+    ho_all = y.shape[2]
+    row_offset %= min(row_step, ho_all)
+    first_row = row_offset * stride[0]  # output rows off, off+step, ...: a conv of stride (sh*step, sw) from here
+    if row_step > 1:
+        y = y[:, :, row_offset::row_step]
+        stride = (stride[0] * row_step, stride[1])
     dev = x.device
     G = torch.zeros(g, K, K, dtype=accum_dtype, device=dev)
     C = torch.zeros(g, og, K, dtype=accum_dtype, device=dev)
@@ -160,30 +177,45 @@ def conv_gram(x: Tensor, w: Tensor, b: Optional[Tensor], y: Tensor, stride=1, pa
     ba = None if b is None else b.detach().to(accum_dtype)
     per_sample = (x[0].numel() * kh * kw + y[0].numel()) * torch.finfo(accum_dtype).bits // 8
     step = max(1, (_CONV_CHUNK_BYTES if dev.type == "cpu" else _CHUNK_BYTES) // max(per_sample, 1))
+    depthwise = og == 1 and cin_g == 1 and g > 1  # a depthwise conv without channel multiplier
+    if depthwise:
+        Ga = torch.zeros(g, K + 1, K + 1, dtype=accum_dtype, device=dev)
     count = 0
     for i in range(0, N, step):
         xc = x[i:i + step].detach().to(accum_dtype)
         yc = y[i:i + step].detach().to(accum_dtype)
         n = xc.shape[0]
         xp = F.pad(xc, pad) if any(pad) else xc
+        if first_row:
+            xp = xp[:, :, first_row:]
         out = F.conv2d(xp, wa, ba, stride=stride, padding=0, dilation=dilation, groups=g)
         if yc.shape != out.shape:
             raise ValueError(f"target shape {tuple(y.shape)} does not match the conv output {tuple(out.shape)}")
         r = out.neg_().add_(yc)  # in place: one activation-sized buffer fewer
         ho, wo = r.shape[2], r.shape[3]
-        cols = _patches(xp, kh, kw, stride, dilation, ho, wo)  # [n, Cin*kh*kw, L]
         L = ho * wo
-        # one sample at a time, accumulated in place: no [K, n*L] permuted copy (the bulk of the old cost)
-        for s in range(n):
-            a = cols[s].reshape(g, K, L)
-            at = a.transpose(1, 2)
-            G.baddbmm_(a, at)
-            C.baddbmm_(r[s].reshape(g, og, L), at)
-        r2 += (r * r).sum()
-        x_sum += cols.sum((0, 2)).reshape(g, K)
-        r_sum += r.sum((0, 2, 3))
+        taps = _taps(xp, kh, kw, stride, dilation, ho, wo)
+        if depthwise:  # G, C and ||R||² all in one product: R as one more tap of its own channel
+            aug = torch.stack(taps + [r], 2).reshape(n, g, K + 1, L)
+            for s in range(n):
+                Ga.baddbmm_(aug[s], aug[s].transpose(1, 2))
+        else:
+            cols = torch.stack(taps, 2).reshape(n, g, K, L) if len(taps) > 1 else taps[0].reshape(n, g, K, L)
+            # one sample at a time, accumulated in place: no [K, n*L] permuted copy (the bulk of the old cost)
+            for s in range(n):
+                at = cols[s].transpose(1, 2)
+                G.baddbmm_(cols[s], at)
+                C.baddbmm_(r[s].reshape(g, og, L), at)
+            r2 += (r * r).sum()
+        if sums:
+            x_sum += (aug[:, :, :K] if depthwise else cols).sum((0, 3)).reshape(g, K)
+            r_sum += r.sum((0, 2, 3))
         count += r.numel()
-    return GramStats(G.to(dtype), C.reshape(cout, K).to(dtype), r2.to(dtype), count, N, x_sum.to(dtype), r_sum.to(dtype))
+    if depthwise:
+        G, C, r2 = Ga[:, :K, :K], Ga[:, K, :K], Ga[:, K, K].sum()
+    stats = GramStats(G.contiguous().to(dtype), C.reshape(cout, K).to(dtype), r2.to(dtype), count, N,
+                      *((x_sum.to(dtype), r_sum.to(dtype)) if sums else (None, None)))
+    return stats.scaled(ho_all / y.shape[2])
 
 
 def linear_gram(x: Tensor, w2d: Tensor, b: Optional[Tensor], y: Tensor, accum_dtype: torch.dtype = torch.float64,

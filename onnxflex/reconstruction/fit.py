@@ -159,15 +159,34 @@ def gram_applicable(graph: Graph, region) -> bool:
     return True
 
 
+def row_step(out_shape, positions: int) -> int:
+    """Every how many output rows of an [n, C, H, W] conv output the statistics read, so that a sample gives
+    at least about ``positions`` output positions (0: every row). Neighbouring rows see nearly the same
+    inputs, and the statistics come from 224 images: reading fewer rows of a large map costs the Gram
+    estimate little and its time proportionally less."""
+    if positions <= 0 or len(out_shape) != 4:
+        return 1
+    ho, wo = out_shape[2], out_shape[3]
+    return max(1, min(ho, (ho * wo) // positions))
+
+
+def pointwise(node, x_shape, w_shape) -> bool:
+    """A 1x1 conv of stride 1 without padding: output row i reads input row i alone."""
+    geo = conv_geometry(node, tuple(x_shape), tuple(w_shape))
+    return geo is not None and tuple(w_shape[2:]) == (1, 1) and geo["stride"] == (1, 1) and not any(geo["padding"])
+
+
 @torch.no_grad()
 def gram_stats(graph: Graph, spec: WeightSpec, act, streams, y_lin: np.ndarray, batch: int, drop_prob: float,
-               rng, gen, device, deployed: bool = False) -> tuple:
+               rng, gen, device, deployed: bool = False, positions: int = 0, sums: bool = False) -> tuple:
     """Per mini-batch statistics (G = XᵀX, C = RᵀX, ||R||²) of the op's linear-output loss, with the
     op's input taken from the quantized stream (QDrop-mixed with the FP stream) through its Q/DQ.
 
     Returns (per-batch statistics, their deployed-input total or None). With ``deployed`` the total
     is of the quantized stream alone (no QDrop mixing: what GPTQ's candidate fits), made in the same
-    pass over the streams rather than a second one."""
+    pass over the streams rather than a second one. ``positions``: see ``row_step``; batch k reads the rows
+    k mod step, k mod step + step, ... so the batches together cover every row. ``sums``: the column
+    sums bias correction needs."""
     node = graph.node_by_name[spec.node]
     w = torch.from_numpy(graph.array(spec.weight).astype(np.float32)).to(device)
     b = torch.from_numpy(graph.array(spec.bias).astype(np.float32)).to(device) if spec.bias else None
@@ -175,31 +194,40 @@ def gram_stats(graph: Graph, spec: WeightSpec, act, streams, y_lin: np.ndarray, 
     lin = streams.layout(node.output[0])
     stats, plain = [], None
 
-    def one(x, y, n, keep):
+    def one(x, y, n, keep, step, phase):
         if keep is not None:  # only the real tokens' rows enter G, C and ||R||²
             x = x[keep]
         if spec.op_type == "Conv":
             geo = conv_geometry(node, tuple(x.shape), tuple(w.shape))
-            return gram_mod.conv_gram(x, w, b, y, **geo, accum_dtype=torch.float32)
+            return gram_mod.conv_gram(x, w, b, y, **geo, accum_dtype=torch.float32, row_step=step, row_offset=phase,
+                                      sums=sums)
         st = gram_mod.linear_gram(x, w_lin, b, y, accum_dtype=torch.float32)
         st.samples = n
         return st
 
-    for idx in streams.shuffled(rng, streams.n_train, batch):
+    for k, idx in enumerate(streams.shuffled(rng, streams.n_train, batch)):
         xq = to_torch(streams.take(streams.q, spec.data_input, idx), device)
-        x = mix(xq, to_torch(streams.take(streams.fp, spec.data_input, idx), device), drop_prob, gen)
+        xf = to_torch(streams.take(streams.fp, spec.data_input, idx), device)
+        y = to_torch(lin.take(y_lin, idx), device)
+        step = row_step(tuple(y.shape), positions) if spec.op_type == "Conv" else 1
+        phase, scale = k % step, 1.0
+        if step > 1 and pointwise(node, xq.shape, w.shape):
+            # a 1x1 conv reads just the rows it outputs: take them before the mixing and the fake-quant
+            scale = y.shape[2] / len(range(phase, y.shape[2], step))
+            xq, xf, y = xq[:, :, phase::step], xf[:, :, phase::step], y[:, :, phase::step]
+            step, phase = 1, 0
+        x = mix(xq, xf, drop_prob, gen)
         mixed = x is not xq
         if act is not None:
             x = act(x)
-        y = to_torch(lin.take(y_lin, idx), device)
         m = None if streams.mask is None else token_weights(to_torch(streams.mask[idx], device), y)
         keep = None if m is None else m.reshape(m.shape[:2]) > 0
         if keep is not None:
             y = y[keep]
-        stats.append(one(x, y, len(idx), keep))
+        stats.append(one(x, y, len(idx), keep, step, phase).scaled(scale))
         del x  # before the deployed input is made: one activation-sized buffer at a time
         if deployed and mixed:
-            st = one(xq if act is None else act(xq), y, len(idx), keep)
+            st = one(xq if act is None else act(xq), y, len(idx), keep, step, phase).scaled(scale)
             plain = st if plain is None else plain + st
     if not deployed:
         return stats, None
