@@ -154,7 +154,8 @@ def main(verbose):
               help="a Conv/Gemm region's bias absorbs the mean output error of its rounded weights (kept where "
                    "held-out calibration samples confirm it; off by default, see the README)")
 @click.option("--gram-positions", type=int, default=QuantConfig.gram_positions, show_default=True,
-              help="output positions per sample a conv's Gram statistics read (every k-th row of a larger map; 0: all)")
+              help="output positions over all calibration samples a conv's Gram statistics read (every k-th row "
+                   "of a larger map; 0: all)")
 @click.option("--no-judge", is_flag=True, hidden=True, help="ablation: keep learned weights even where RTN does better held out")
 @click.option("--no-row-guard", is_flag=True, hidden=True, help="ablation: learn weights with too few calibration rows too")
 @click.option("--element-lr-scale", type=float, default=None,

@@ -172,15 +172,16 @@ def test_gram_positions_read_every_kth_row_and_scale_the_sums_back(kernel, pads,
 
     graph, spec, streams, q, w, b, y = _conv_problem(kernel, pads, strides)
     ho = y.shape[2]
-    assert row_step(y.shape, 0) == 1 and row_step(y.shape, ho * ho) == 1 and row_step(y.shape, 1) == ho
-    step = row_step(y.shape, ho * ho // 2)
-    assert step == 2
+    n = 16  # fitted samples
+    assert row_step(y.shape, 0, n) == 1 and row_step(y.shape, n * ho * ho, n) == 1 and row_step(y.shape, 1, n) == ho
+    step = row_step(y.shape, n * ho * ho // 2, n)
+    assert step == 2 and row_step(y.shape, n * ho * ho // 2, n // 2) == 1  # fewer samples: every row
 
     def run(positions):
         return gram_stats(graph, spec, None, streams, y, 4, 0.0, np.random.default_rng(1),
                           torch.Generator().manual_seed(2), "cpu", False, positions)[0]
 
-    full, sub = run(0), run(ho * ho // 2)
+    full, sub = run(0), run(n * ho * ho // 2)
     batches = _Streams(q, q, 16).shuffled(np.random.default_rng(1), 16, 4)
     tw, tb = torch.from_numpy(w), torch.from_numpy(b)
     for k, (idx, st) in enumerate(zip(batches, sub)):
