@@ -168,18 +168,20 @@ def conv_gram(x: Tensor, w: Tensor, b: Optional[Tensor], y: Tensor, stride=1, pa
         y = y[:, :, row_offset::row_step]
         stride = (stride[0] * row_step, stride[1])
     dev = x.device
-    G = torch.zeros(g, K, K, dtype=accum_dtype, device=dev)
-    C = torch.zeros(g, og, K, dtype=accum_dtype, device=dev)
-    r2 = torch.zeros((), dtype=accum_dtype, device=dev)
-    x_sum = torch.zeros(g, K, dtype=accum_dtype, device=dev)
-    r_sum = torch.zeros(cout, dtype=accum_dtype, device=dev)
+    depthwise = og == 1 and cin_g == 1 and g > 1  # a depthwise conv without channel multiplier
+    if depthwise:  # G, C and ||R||² come out of one [K+1]² product per channel
+        Ga = torch.zeros(g, K + 1, K + 1, dtype=accum_dtype, device=dev)
+    else:
+        G = torch.zeros(g, K, K, dtype=accum_dtype, device=dev)
+        C = torch.zeros(g, og, K, dtype=accum_dtype, device=dev)
+        r2 = torch.zeros((), dtype=accum_dtype, device=dev)
+    if sums:
+        x_sum = torch.zeros(g, K, dtype=accum_dtype, device=dev)
+        r_sum = torch.zeros(cout, dtype=accum_dtype, device=dev)
     wa = w.detach().to(accum_dtype)
     ba = None if b is None else b.detach().to(accum_dtype)
     per_sample = (x[0].numel() * kh * kw + y[0].numel()) * torch.finfo(accum_dtype).bits // 8
     step = max(1, (_CONV_CHUNK_BYTES if dev.type == "cpu" else _CHUNK_BYTES) // max(per_sample, 1))
-    depthwise = og == 1 and cin_g == 1 and g > 1  # a depthwise conv without channel multiplier
-    if depthwise:
-        Ga = torch.zeros(g, K + 1, K + 1, dtype=accum_dtype, device=dev)
     count = 0
     for i in range(0, N, step):
         xc = x[i:i + step].detach().to(accum_dtype)
@@ -195,7 +197,7 @@ def conv_gram(x: Tensor, w: Tensor, b: Optional[Tensor], y: Tensor, stride=1, pa
         ho, wo = r.shape[2], r.shape[3]
         L = ho * wo
         taps = _taps(xp, kh, kw, stride, dilation, ho, wo)
-        if depthwise:  # G, C and ||R||² all in one product: R as one more tap of its own channel
+        if depthwise:  # R as one more tap of its own channel
             aug = torch.stack(taps + [r], 2).reshape(n, g, K + 1, L)
             for s in range(n):
                 Ga.baddbmm_(aug[s], aug[s].transpose(1, 2))
