@@ -38,6 +38,8 @@ ROWS = {
     "range-minmax": (["--calib-method", "minmax"], "activation ranges by min/max"),
     "judge-off": (["--no-judge"], "learned weights kept even where RTN is better held out"),
     "gptq-cand-off": (["--no-gptq-candidate"], "the judge weighs RTN and FlexRound only (not GPTQ)"),
+    "grid-search-off": (["--no-gptq-grid-search"], "GPTQ keeps each channel's initial (lp) grid instead of searching it"),
+    "grid-search-off-seed1": (["--no-gptq-grid-search", "--seed", "1"], "no GPTQ grid search, seed 1"),
     "bias": (["--bias-correction"], "bias correction (each Conv's bias absorbs its rounding's mean output error)"),
     "bias-seed1": (["--bias-correction", "--seed", "1"], "bias correction, seed 1"),
     "gptq": (["--method", "gptq"], "GPTQ alone (closed form, no FlexRound)"),

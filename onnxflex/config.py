@@ -73,6 +73,10 @@ class QuantConfig:
     # except for decoder LMs, where it lowered region errors on held-out calibration windows but raised
     # perplexity on other text (README, "Decoder LM")
     gptq_candidate: Optional[bool] = None
+    # GPTQ (the candidate and --method gptq) tries each per-channel grid at several multiples of its initial
+    # scale (quantizers/gptq.py, SEARCH_RATIOS) and keeps, per output channel, the one with the lowest Gram
+    # loss on the training samples: a clipping choice made on the layer's output error, not the weights alone
+    gptq_grid_search: bool = True
     # a one-op region whose op has a bias (Conv, Gemm) gets the bias that cancels its rounding's mean output
     # error on the deployed calibration inputs (closed form from the Gram statistics), kept where the
     # held-out samples confirm it. Off by default: on EfficientNet-Lite0 W4A8 it lowered 43 of 49 region

@@ -208,3 +208,40 @@ def test_blockwise_gptq_keeps_each_blocks_grid_and_beats_rtn(grid):
     eye = GramStats(torch.eye(96).unsqueeze(0), torch.zeros(16, 96), torch.zeros(()), 16 * 96)
     assert torch.equal(GPTQQuantizer(wt, 4, 1, 0, block_size=32, grid=grid).solve(eye, correct_inputs=False).integers(),
                        rtn.integers())
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_grid_search_keeps_each_rows_best_ratio(groups):
+    """Rows are independent GPTQ problems on one H: the searched solve equals, row by row, a plain solve on
+    that row's chosen grid, and no row's true loss is above its ratio-1 loss."""
+    gen = _gen(11)
+    cin, cout = 8, 8
+    x_fp = _smooth_images(6, cin, 10, gen)
+    x_q = x_fp + 0.05 * x_fp.std() * torch.randn(x_fp.shape, generator=gen)
+    w = torch.randn(cout, cin // groups, 3, 3, generator=gen) * 0.3
+    b = torch.randn(cout, generator=gen)
+    y = F.conv2d(x_fp, w, b, padding=1, groups=groups)
+    st = conv_gram(x_q, w, b, y, padding=(1, 1, 1, 1), groups=groups)
+    ratios = (1.0, 0.8, 0.9, 1.1)
+    searched = GPTQQuantizer(w, 3, 0, 1).solve(st, ratios=ratios)
+    chosen = (searched.scale() / searched.s_base.reshape(-1))
+    assert all(min(abs(c - r) for r in ratios) < 1e-6 for c in chosen.tolist())
+    assert (chosen != 1).any()  # the search moved some grid (else this test checks nothing)
+
+    def row_losses(q):
+        d = (q() - w).reshape(cout, -1).double()
+        G = st.G.double().repeat_interleave(cout // st.G.shape[0], dim=0)
+        return torch.einsum("ok,okl,ol->o", d, G, d) - 2 * (d * st.C.double()).sum(1)
+
+    plain = GPTQQuantizer(w, 3, 0, 1).solve(st)
+    assert torch.all(row_losses(searched) <= row_losses(plain) + 1e-6 * row_losses(plain).abs().max())
+    for r in ratios:
+        one = GPTQQuantizer(w, 3, 0, 1)
+        one.s_base.mul_(r)
+        one.solve(st)
+        rows = torch.isclose(chosen, torch.tensor(r), atol=1e-6)
+        assert torch.equal(one.integers().reshape(cout, -1)[rows], searched.integers().reshape(cout, -1)[rows])
+    # re-solving starts from the initial grid again, not from the last search's
+    again = searched.solve(st, ratios=ratios)
+    assert torch.equal(again.scale(), searched.scale())
+    assert torch.equal(GPTQQuantizer(w, 3, 0, 1).solve(st).scale(), GPTQQuantizer(w, 3, 0, 1).scale())

@@ -24,6 +24,7 @@ from ..methods import get_method
 from ..progress import progress_bar
 from ..quantizers.activation import ActQuantizer
 from ..quantizers import gram as gram_mod
+from ..quantizers.gptq import SEARCH_RATIOS
 from ..reconstruction.fit import gram_applicable, gram_stats, train_direct, train_gram
 from ..reconstruction.losses import region_mse
 from ..reconstruction.ranges import choose_act_ranges
@@ -396,13 +397,14 @@ class RegionRun:
                     rep.loss_form = "closed-form"
                     total = sum(stats[1:], stats[0])
                     errs = {}
+                    ratios = SEARCH_RATIOS if cfg.gptq_grid_search else (1.0,)
                     for corr in (False, True):
-                        learned[0].solve(total, correct_inputs=corr)
+                        learned[0].solve(total, correct_inputs=corr, ratios=ratios)
                         errs[corr] = region_mse(self.build(learned), streams, streams.q, region.inputs, y_fp, held,
                                                 self.batch, device)
                     best = min(errs, key=lambda c: (errs[c], not c))  # a tie keeps the corrected solve
                     if not best:  # the last solve was the corrected one
-                        learned[0].solve(total, correct_inputs=False)
+                        learned[0].solve(total, correct_inputs=False, ratios=ratios)
                     rep.loss_form = "closed-form" + ("" if best else " (classic)")
                 else:
                     rep.loss_form = "gram"
@@ -429,7 +431,7 @@ class RegionRun:
         most of a CNN's layers and of a decoder's linears (README, "The judge"), so the judge weighs both."""
         gptq = self.quantizers(get_method("gptq"), learnable)
         try:
-            gptq[0].solve(deployed, correct_inputs=True)
+            gptq[0].solve(deployed, correct_inputs=True, ratios=SEARCH_RATIOS if self.cfg.gptq_grid_search else (1.0,))
         except (ValueError, RuntimeError) as e:  # no output axis, or a Hessian beyond damping: no candidate
             log.info("region %s: no GPTQ candidate (%s)", self.region.name, e)
             return None

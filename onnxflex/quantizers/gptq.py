@@ -9,8 +9,12 @@ Cholesky factor of the inverse Hessian H = XᵀX, with lazy block updates, optio
 
 Differences from the reference, both deliberate:
 
-* The grid is the quantizer's fixed per-channel symmetric scale (zero point 0); GPTQ only chooses
-  the integers, so the deployed scale is the same one RTN, FlexRound and AdaRound start from.
+* The grid is the quantizer's per-channel symmetric scale (zero point 0), the one RTN, FlexRound and
+  AdaRound start from. GPTQ chooses the integers; with ``ratios`` it also picks each output channel's
+  grid among multiples of that scale by the Gram loss of its GPTQ solution (``gptq_search``). The
+  initial scale minimises the weights' own rounding error; at 4 bits the layer's output error often
+  prefers a slightly different clip, and rows are independent problems on one H, so the choice is
+  exact per row and costs one wider sweep.
 * Input-error correction. The reconstruct pass's Gram form (``gram.py``) is
   ``dWᵀ G dW - 2 dW∘C + ||R||²`` with ``R = Y_fp - op(X_q, W)``, ``C = RᵀX_q``: the inputs are the
   *quantized* model's, the target the float model's. Completing the square, this is
@@ -26,13 +30,18 @@ weight does not break the layer on data where that input is not zero.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from .gram import GramStats, out_by_in
 from .grid import WeightQuantizer
+
+
+# grid scales GPTQ tries per output channel with --gptq-grid-search, as multiples of the initial (lp) scale;
+# 1.0 first, so a tie keeps the initial grid. Measured on EfficientNet-Lite0/1 W4A8 (README, "GPTQ's grid search")
+SEARCH_RATIOS = (1.0, 0.95, 0.9, 0.85, 1.05, 1.1)
 
 
 def _damped_factor(H: Tensor, damp: float, tries: int = 6) -> Tuple[Tensor, Tensor]:
@@ -93,6 +102,13 @@ def _quantize_columns(W: Tensor, U: Tensor, s: Tensor, qmin, qmax, block: int) -
 @torch.no_grad()
 def gptq_integers(w2d: Tensor, H: Tensor, scale: Tensor, qmin, qmax, damp: float = 0.01,
                   block: int = 128, act_order: bool = True, correction: Optional[Tensor] = None) -> Tensor:
+    """GPTQ integers of ``w2d`` on the fixed grid ``scale``; see ``gptq_search`` (one ratio, 1)."""
+    return gptq_search(w2d, H, scale, qmin, qmax, damp, block, act_order, correction)[0]
+
+
+def gptq_search(w2d: Tensor, H: Tensor, scale: Tensor, qmin, qmax, damp: float = 0.01,
+                block: int = 128, act_order: bool = True, correction: Optional[Tensor] = None,
+                ratios: Sequence[float] = (1.0,)) -> Tuple[Tensor, Tensor]:
     """GPTQ integers of ``w2d`` [Cout, K] on the fixed grid ``scale`` ([Cout], scalar, or [Cout, K] for
     block-wise scales), centred: ``qmin``/``qmax`` are ints or [Cout, K] tensors (an asymmetric grid's
     [-z, 2^b - 1 - z]), as the quantizers hold them.
@@ -102,9 +118,13 @@ def gptq_integers(w2d: Tensor, H: Tensor, scale: Tensor, qmin, qmax, damp: float
     are solved batched). correction: GramStats.C, [Cout, K] in the same row order; when given the
     target is W* = W + C (H + damping)⁻¹ instead of W (see the module docstring). H and C need only
     be consistent with each other (sums or means over the same samples).
-    Returns int32 [Cout, K] in [qmin, qmax]. The sweep runs in w2d's float dtype (at least float32)
-    so that, where no error propagates (diagonal H), the result is bit-identical to RTN; the
-    factorisations and the correction solve run in float64.
+    ratios: grid scales tried per output row, as multiples of ``scale`` (the first wins ties). Rows are
+    independent GPTQ problems on the same H, so one sweep solves every (ratio, row) pair and each
+    row keeps the ratio whose integers give the lowest Gram loss ``dᵀ H d - 2 d·C`` (d = s·q - w):
+    a per-channel clipping choice made on the layer's output error rather than on the weights alone.
+    Returns (int32 [Cout, K] in [qmin, qmax], the chosen ratio per row [Cout]). The sweep runs in
+    w2d's float dtype (at least float32) so that, where no error propagates (diagonal H), the result
+    is bit-identical to RTN; the factorisations and the correction solve run in float64.
     """
     if w2d.ndim != 2:
         raise ValueError(f"w2d must be [Cout, K], got {tuple(w2d.shape)}")
@@ -129,17 +149,28 @@ def gptq_integers(w2d: Tensor, H: Tensor, scale: Tensor, qmin, qmax, damp: float
         s = s.reshape(g, og, 1)
     bounds = [b.detach().to(device=dev, dtype=wdt).reshape(g, og, K) if isinstance(b, Tensor) else b for b in (qmin, qmax)]
 
-    Hd, L = _damped_factor(Hb.detach().to(device=dev, dtype=torch.float64), damp)
+    H64 = Hb.detach().to(device=dev, dtype=torch.float64)
+    Hd, L = _damped_factor(H64, damp)
+    Cg = None
     if correction is not None:
         if correction.shape != (cout, K):
             raise ValueError(f"correction {tuple(correction.shape)} must be [Cout, K] = {(cout, K)}")
         Cg = correction.detach().to(device=dev, dtype=torch.float64).reshape(g, og, K)
         shift = torch.cholesky_solve(Cg.transpose(1, 2), L).transpose(1, 2)  # C Hd⁻¹ (Hd symmetric)
         W = (W.to(torch.float64) + shift).to(wdt)
+    R = len(ratios)
+    if R < 1:
+        raise ValueError("ratios must hold at least one scale multiple")
+    W0 = w2d.detach().to(torch.float64).reshape(g, og, K)
+    if R > 1:  # the rows of every ratio side by side: [g, R*og, K], ratio-major
+        r = torch.tensor(list(ratios), dtype=wdt, device=dev).repeat_interleave(og).reshape(1, R * og, 1)
+        W, s = W.repeat(1, R, 1), s.repeat(1, R, 1) * r
+        bounds = [b.repeat(1, R, 1) if isinstance(b, Tensor) else b for b in bounds]
+    s_rows = s
     Hinv = torch.cholesky_inverse(L)
     if act_order:
         perm = torch.argsort(Hd.diagonal(dim1=1, dim2=2), dim=1, descending=True, stable=True)  # [g, K]
-        idx = perm.unsqueeze(1).expand(g, og, K)
+        idx = perm.unsqueeze(1).expand(g, W.shape[1], K)
         W = W.gather(2, idx)
         s = s.gather(2, idx) if s.shape[2] > 1 else s
         bounds = [b.gather(2, idx) if isinstance(b, Tensor) else b for b in bounds]
@@ -148,8 +179,17 @@ def gptq_integers(w2d: Tensor, H: Tensor, scale: Tensor, qmin, qmax, damp: float
     U = torch.linalg.cholesky(Hinv, upper=True).to(wdt)
     Q = _quantize_columns(W, U, s, bounds[0], bounds[1], max(1, int(block)))
     if act_order:
-        Q = Q.gather(2, torch.argsort(perm, dim=1).unsqueeze(1).expand(g, og, K))
-    return Q.reshape(cout, K).to(torch.int32)
+        Q = Q.gather(2, torch.argsort(perm, dim=1).unsqueeze(1).expand(g, R * og, K))
+    if R == 1:
+        return Q.reshape(cout, K).to(torch.int32), torch.ones(cout, dtype=wdt, device=dev)
+    d = (s_rows.to(torch.float64) * Q.to(torch.float64) - W0.repeat(1, R, 1))  # [g, R*og, K]
+    loss = (torch.bmm(d, H64) * d).sum(2)
+    if Cg is not None:
+        loss = loss - 2 * (d * Cg.repeat(1, R, 1)).sum(2)
+    best = loss.reshape(g, R, og).argmin(dim=1)  # [g, og]: the first ratio wins a tie
+    Q = Q.reshape(g, R, og, K).gather(1, best[:, None, :, None].expand(g, 1, og, K))[:, 0]
+    chosen = torch.tensor(list(ratios), dtype=wdt, device=dev)[best]
+    return Q.reshape(cout, K).to(torch.int32), chosen.reshape(cout)
 
 
 class GPTQQuantizer(WeightQuantizer):
@@ -166,6 +206,7 @@ class GPTQQuantizer(WeightQuantizer):
                  block_size=0, grid="narrow"):
         super().__init__(weight, bits, out_axis, in_axis, per_channel, scale_method, init_scale, block_size, grid)
         self.register_buffer("s", self.s_init())
+        self.register_buffer("s_base", self.s.clone())  # the initial grid, which every solve's ratios multiply
         self.register_buffer("q", torch.clamp(torch.round(self.weight / self.s), self.qmin, self.qmax))
 
     def scale_broadcast(self) -> Tensor:
@@ -198,11 +239,13 @@ class GPTQQuantizer(WeightQuantizer):
 
     @torch.no_grad()
     def solve(self, stats: GramStats, damp: float = 0.01, block: int = 128, act_order: bool = True,
-              correct_inputs: bool = True) -> "GPTQQuantizer":
+              correct_inputs: bool = True, ratios: Sequence[float] = (1.0,)) -> "GPTQQuantizer":
         """Set the integers by GPTQ on ``stats`` (sum the mini-batches' GramStats with ``+`` first).
 
         ``correct_inputs`` (default) quantizes around W* = W + C G⁻¹, i.e. minimises the same Gram
         loss (quantized inputs, float target) the trained methods use; False is classic GPTQ.
+        ``ratios``: per-channel grids to try, as multiples of the initial scale; each output channel
+        keeps the one with the lowest Gram loss (``gptq_search``). Per-tensor grids keep their scale.
         """
         w2d = self.out_by_in(self.weight)
         if tuple(stats.C.shape) != tuple(w2d.shape):
@@ -210,8 +253,15 @@ class GPTQQuantizer(WeightQuantizer):
                              f"this one is {tuple(w2d.shape)} as [Cout, K]")
         dev = self.weight.device
         corr = stats.C.to(dev) if correct_inputs else None
-        s = self.out_by_in(self.s.expand_as(self.weight)) if self.block_size else self.s.reshape(-1)
+        base = self.s_base
+        s = self.out_by_in(base.expand_as(self.weight)) if self.block_size else base.reshape(-1)
         bounds = [self.out_by_in(b) if isinstance(b, Tensor) else b for b in (self.qmin, self.qmax)]
-        q2d = gptq_integers(w2d, stats.G.to(dev), s, bounds[0], bounds[1], damp, block, act_order, corr)
+        if not self.per_channel:
+            ratios = (1.0,)
+        q2d, chosen = gptq_search(w2d, stats.G.to(dev), s, bounds[0], bounds[1], damp, block, act_order, corr, ratios)
+        if self.per_channel:
+            shape = [1] * self.weight.ndim
+            shape[self.out_axis] = -1
+            self.s.copy_(base * chosen.to(self.s.dtype).reshape(shape))
         self.q.copy_(self.from_out_by_in(q2d.to(self.q.dtype)))
         return self
