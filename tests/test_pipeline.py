@@ -118,8 +118,9 @@ def test_qdq_output_matches_numpy_fake_quant_reference(tmp_path):
 def test_learned_writeback_matches_torch(tiny_cnn, tiny_calib, tmp_path, method):
     """The written model, run in ORT, reproduces the learned torch model; learning beats RTN."""
     out = tmp_path / "q.onnx"
+    # without the GPTQ candidate, which wins every region of this tiny CNN: the learned rounding is written
     res = quantize(str(tiny_cnn), out, [{"input": tiny_calib}],
-                   _cfg(method=method, weight_bits=4, first_last_bits=None, iters=60))
+                   _cfg(method=method, weight_bits=4, first_last_bits=None, iters=60, gptq_candidate=False))
     assert res.summary["torch_vs_ort_sqnr_db"] > 40
     learned = [r for r in res.regions if r.rtn_mse is not None]
     assert learned and all(r.final_mse <= r.rtn_mse + 1e-12 for r in learned)
@@ -131,6 +132,22 @@ def test_learned_writeback_matches_torch(tiny_cnn, tiny_calib, tmp_path, method)
     q4 = [t for t in m.graph.initializer if t.data_type == onnx.TensorProto.INT4]
     assert q4, "4-bit weights must be stored as INT4"
     assert m.opset_import[0].version >= 21
+
+
+def test_gptq_candidate_with_searched_grids_writes_back_what_torch_ran(tiny_cnn, tiny_calib, tmp_path):
+    """The default judge keeps GPTQ where it wins; its per-channel grids, searched away from the initial
+    scale, are the ones written: ORT reproduces the torch model, and the scales differ from RTN's."""
+    runs = {}
+    for search in (True, False):
+        out = tmp_path / f"q{search}.onnx"
+        res = quantize(str(tiny_cnn), out, [{"input": tiny_calib}],
+                       _cfg(weight_bits=4, first_last_bits=None, iters=20, gptq_grid_search=search))
+        assert res.summary["torch_vs_ort_sqnr_db"] > 40
+        assert any(r.status.startswith("kept gptq") for r in res.regions)
+        runs[search] = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer
+                        if t.name.endswith("_scale") and t.dims}
+    assert runs[True].keys() == runs[False].keys()
+    assert any(not np.array_equal(runs[True][k], runs[False][k]) for k in runs[True])
 
 
 def test_deterministic_output(tiny_cnn, tiny_calib, tmp_path):
