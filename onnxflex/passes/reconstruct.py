@@ -397,14 +397,13 @@ class RegionRun:
                     rep.loss_form = "closed-form"
                     total = sum(stats[1:], stats[0])
                     errs = {}
-                    ratios = SEARCH_RATIOS if cfg.gptq_grid_search else (1.0,)
                     for corr in (False, True):
-                        learned[0].solve(total, correct_inputs=corr, ratios=ratios)
+                        learned[0].solve(total, correct_inputs=corr, ratios=self.gptq_ratios)
                         errs[corr] = region_mse(self.build(learned), streams, streams.q, region.inputs, y_fp, held,
                                                 self.batch, device)
                     best = min(errs, key=lambda c: (errs[c], not c))  # a tie keeps the corrected solve
                     if not best:  # the last solve was the corrected one
-                        learned[0].solve(total, correct_inputs=False, ratios=ratios)
+                        learned[0].solve(total, correct_inputs=False, ratios=self.gptq_ratios)
                     rep.loss_form = "closed-form" + ("" if best else " (classic)")
                 else:
                     rep.loss_form = "gram"
@@ -424,6 +423,11 @@ class RegionRun:
         rep.iters = cfg.iters
         return learned, gptq, deployed
 
+    @property
+    def gptq_ratios(self) -> tuple:
+        """The grids every GPTQ solve tries per channel (``--gptq-grid-search``), or the initial one alone."""
+        return SEARCH_RATIOS if self.cfg.gptq_grid_search else (1.0,)
+
     def gptq_candidate(self, deployed, learnable) -> list:
         """GPTQ's integers for a one-op region on the learned method's grid, from the deployed-input
         Gram statistics (the quantized stream alone, without QDrop's FP mixing: GPTQ fits the deployed
@@ -431,7 +435,7 @@ class RegionRun:
         most of a CNN's layers and of a decoder's linears (README, "The judge"), so the judge weighs both."""
         gptq = self.quantizers(get_method("gptq"), learnable)
         try:
-            gptq[0].solve(deployed, correct_inputs=True, ratios=SEARCH_RATIOS if self.cfg.gptq_grid_search else (1.0,))
+            gptq[0].solve(deployed, correct_inputs=True, ratios=self.gptq_ratios)
         except (ValueError, RuntimeError) as e:  # no output axis, or a Hessian beyond damping: no candidate
             log.info("region %s: no GPTQ candidate (%s)", self.region.name, e)
             return None

@@ -108,6 +108,7 @@ def gptq_integers(w2d: Tensor, H: Tensor, scale: Tensor, qmin, qmax, damp: float
     return gptq_search(w2d, H, scale, qmin, qmax, damp, block, act_order, correction)[0]
 
 
+@torch.no_grad()
 def gptq_search(w2d: Tensor, H: Tensor, scale: Tensor, qmin, qmax, damp: float = 0.01,
                 block: int = 128, act_order: bool = True, correction: Optional[Tensor] = None,
                 ratios: Sequence[float] = (1.0,)) -> Tuple[Tensor, Tensor]:
@@ -163,7 +164,6 @@ def gptq_search(w2d: Tensor, H: Tensor, scale: Tensor, qmin, qmax, damp: float =
     R = len(ratios)
     if R < 1:
         raise ValueError("ratios must hold at least one scale multiple")
-    W0 = w2d.detach().to(torch.float64).reshape(g, og, K)
     if R > 1:  # the rows of every ratio side by side: [g, R*og, K], ratio-major
         r = torch.tensor(list(ratios), dtype=wdt, device=dev).repeat_interleave(og).reshape(1, R * og, 1)
         W, s = W.repeat(1, R, 1), s.repeat(1, R, 1) * r
@@ -184,6 +184,7 @@ def gptq_search(w2d: Tensor, H: Tensor, scale: Tensor, qmin, qmax, damp: float =
         Q = Q.gather(2, torch.argsort(perm, dim=1).unsqueeze(1).expand(g, R * og, K))
     if R == 1:
         return Q.reshape(cout, K).to(torch.int32), torch.ones(cout, dtype=wdt, device=dev)
+    W0 = w2d.detach().to(torch.float64).reshape(g, og, K)
     d = (s_rows.to(torch.float64) * Q.to(torch.float64) - W0.repeat(1, R, 1))  # [g, R*og, K]
     loss = (torch.bmm(d, H64) * d).sum(2)
     if Cg is not None:
