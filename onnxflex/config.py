@@ -77,9 +77,6 @@ class QuantConfig:
     # scale (quantizers/gptq.py, SEARCH_RATIOS) and keeps, per output channel, the one with the lowest Gram
     # loss on the training samples: a clipping choice made on the layer's output error, not the weights alone
     gptq_grid_search: bool = True
-    # FlexRound starts from GPTQ's rounding of a one-op region (its integers and searched scales) instead of
-    # from round-to-nearest, and learns from there; GPTQ's own result is still weighed by the judge
-    learn_from_gptq: bool = False
     # a one-op region whose op has a bias (Conv, Gemm) gets the bias that cancels its rounding's mean output
     # error on the deployed calibration inputs (closed form from the Gram statistics), kept where the
     # held-out samples confirm it. Off by default: on EfficientNet-Lite0 W4A8 it lowered 43 of 49 region

@@ -407,11 +407,9 @@ class RegionRun:
                     rep.loss_form = "closed-form" + ("" if best else " (classic)")
                 else:
                     rep.loss_form = "gram"
+                    train_gram(graph, spec, learned[0], stats, cfg, method.per_sample_loss, desc, device, holdout)
                     if wants_gptq:
                         gptq = self.gptq_candidate(deployed, learnable)
-                    if gptq is not None and cfg.learn_from_gptq and hasattr(learned[0], "start_from"):
-                        learned[0].start_from(gptq[0])
-                    train_gram(graph, spec, learned[0], stats, cfg, method.per_sample_loss, desc, device, holdout)
             else:
                 rep.loss_form = "direct"
                 train_direct(module, region, learned, list(self.own_acts.values()), streams, y_fp, cfg,

@@ -87,26 +87,6 @@ class FlexRoundQuantizer(WeightQuantizer):
     def element_parameters(self) -> list:
         return [self.log_S2]
 
-    @torch.no_grad()
-    def start_from(self, other: WeightQuantizer, keep: float = 0.5) -> "FlexRoundQuantizer":
-        """Start training from another quantizer's rounding of the same weight (GPTQ's): s1 = its scale,
-        and the weight that is divided becomes its integers plus ``keep`` of the way back to W / s1 (at
-        most 0.4), so that rounding at S2 = s3 = s4 = 1 gives exactly its integers while each weight still
-        leans towards the neighbour it came from. The loss still compares against the FP32 weight."""
-        s = other.scale().to(self.log_s1.device).reshape(self.log_s1.shape)
-        self.log_s1.copy_(torch.log(s.abs()))
-        self.log_S2.zero_()
-        for p in (self.log_s3, self.log_s4):
-            if p is not None:
-                p.zero_()
-        sb = self.scale_broadcast()
-        q = other.integers().to(sb.dtype)
-        lean = torch.clamp(keep * (self.weight / sb - q), -0.4, 0.4)
-        self.weight = sb * (q + lean)
-        if self.w_signed is not None:
-            self.w_signed = self.weight * self.expand_blocks(self.scale_sign)
-        return self
-
     def scale_broadcast(self) -> Tensor:
         return self.expand_blocks(self.scale_sign * torch.exp(self.log_s1))
 
