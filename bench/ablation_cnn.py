@@ -40,6 +40,7 @@ ROWS = {
     "gptq-cand-off": (["--no-gptq-candidate"], "the judge weighs RTN and FlexRound only (not GPTQ)"),
     "grid-search-off": (["--no-gptq-grid-search"], "GPTQ keeps each channel's initial (lp) grid instead of searching it"),
     "grid-search-off-seed1": (["--no-gptq-grid-search", "--seed", "1"], "no GPTQ grid search, seed 1"),
+    "damp-0.1": (["--gptq-damp", "0.1"], "GPTQ damped at 0.1 of G's mean diagonal instead of 0.01"),
     "bias": (["--bias-correction"], "bias correction (each Conv's bias absorbs its rounding's mean output error)"),
     "bias-seed1": (["--bias-correction", "--seed", "1"], "bias correction, seed 1"),
     "gptq": (["--method", "gptq"], "GPTQ alone (closed form, no FlexRound)"),

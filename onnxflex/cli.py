@@ -153,6 +153,8 @@ def main(verbose):
 @click.option("--gptq-grid-search/--no-gptq-grid-search", default=True, show_default=True,
               help="GPTQ picks each output channel's grid among multiples of its initial scale by the layer's "
                    "output error on the calibration data")
+@click.option("--gptq-damp", type=float, default=QuantConfig.gptq_damp, show_default=True,
+              help="GPTQ's damping as a fraction of the mean diagonal of XᵀX (a ridge towards round-to-nearest)")
 @click.option("--bias-correction/--no-bias-correction", default=False, show_default=True,
               help="a Conv/Gemm region's bias absorbs the mean output error of its rounded weights (kept where "
                    "held-out calibration samples confirm it; off by default, see the README)")
@@ -171,7 +173,8 @@ def main(verbose):
 def quantize(model, calib, output, method, weight_bits, act_bits, granularity, block_size, asymmetric, regions, preset, iters, batch_size,
              lr, act_lr, drop_prob, calib_size, augment, calib_method, first_last_bits, exclude, cle, awq, quantize_attention,
              tokenizer, max_length, seq_len, device, tf32, max_memory, stream_precision,
-             target, reduce_range, report, seed, gptq_candidate, gptq_grid_search, bias_correction, gram_positions, no_judge, no_row_guard,
+             target, reduce_range, report, seed, gptq_candidate, gptq_grid_search, gptq_damp, bias_correction, gram_positions,
+             no_judge, no_row_guard,
              element_lr_scale, checks, quiet,
              preprocess, size, resize, mean, std):
     """Quantize MODEL with calibration data and write a QDQ ONNX model."""
@@ -186,7 +189,8 @@ def quantize(model, calib, output, method, weight_bits, act_bits, granularity, b
                       max_memory=max_memory, stream_precision=stream_precision, target=target,
                       reduce_range=reduce_range,
                       judge=not no_judge, row_guard=not no_row_guard, gptq_candidate=gptq_candidate,
-                      gptq_grid_search=gptq_grid_search, bias_correction=bias_correction,
+                      gptq_grid_search=gptq_grid_search, gptq_damp=gptq_damp,
+                      bias_correction=bias_correction,
                       gram_positions=gram_positions,
                       element_lr_scale=element_lr_scale,
                       checks=checks, progress=not quiet)

@@ -245,3 +245,26 @@ def test_grid_search_keeps_each_rows_best_ratio(groups):
     again = searched.solve(st, ratios=ratios)
     assert torch.equal(again.scale(), searched.scale())
     assert torch.equal(GPTQQuantizer(w, 3, 0, 1).solve(st).scale(), GPTQQuantizer(w, 3, 0, 1).scale())
+
+
+def test_damping_is_a_ridge_towards_rtn():
+    """--gptq-damp adds damp * mean(diag G) to G's diagonal: GPTQ's usual 0.01 moves integers away from RTN's,
+    a huge damping leaves nothing to compensate and gives RTN's integers (the correction shift vanishes too)."""
+    x, w, b, y = _linear_case(seed=3)
+    st = linear_gram(x + 0.05 * torch.randn(x.shape, generator=_gen(4)), w, b, y)  # quantized-looking inputs
+    rtn = RTNQuantizer(w, 4, 0, 1)
+    usual = GPTQQuantizer(w, 4, 0, 1).solve(st, 0.01)
+    assert not torch.equal(usual.integers(), rtn.integers())
+    assert torch.equal(GPTQQuantizer(w, 4, 0, 1).solve(st, 1e6).integers(), rtn.integers())
+    mid = GPTQQuantizer(w, 4, 0, 1).solve(st, 1.0)
+    moved = lambda q: int((q.integers() != rtn.integers()).sum())  # noqa: E731
+    assert 0 < moved(mid) < moved(usual)
+
+
+def test_gptq_damp_must_be_positive():
+    from onnxflex.config import QuantConfig
+    from onnxflex.errors import OnnxflexError
+
+    assert QuantConfig(gptq_damp=0.1).resolved().gptq_damp == 0.1
+    with pytest.raises(OnnxflexError, match="--gptq-damp"):
+        QuantConfig(gptq_damp=0).resolved()

@@ -398,12 +398,12 @@ class RegionRun:
                     total = sum(stats[1:], stats[0])
                     errs = {}
                     for corr in (False, True):
-                        learned[0].solve(total, correct_inputs=corr, ratios=self.gptq_ratios)
+                        learned[0].solve(total, self.cfg.gptq_damp, correct_inputs=corr, ratios=self.gptq_ratios)
                         errs[corr] = region_mse(self.build(learned), streams, streams.q, region.inputs, y_fp, held,
                                                 self.batch, device)
                     best = min(errs, key=lambda c: (errs[c], not c))  # a tie keeps the corrected solve
                     if not best:  # the last solve was the corrected one
-                        learned[0].solve(total, correct_inputs=False, ratios=self.gptq_ratios)
+                        learned[0].solve(total, self.cfg.gptq_damp, correct_inputs=False, ratios=self.gptq_ratios)
                     rep.loss_form = "closed-form" + ("" if best else " (classic)")
                 else:
                     rep.loss_form = "gram"
@@ -435,7 +435,7 @@ class RegionRun:
         most of a CNN's layers and of a decoder's linears (README, "The judge"), so the judge weighs both."""
         gptq = self.quantizers(get_method("gptq"), learnable)
         try:
-            gptq[0].solve(deployed, correct_inputs=True, ratios=self.gptq_ratios)
+            gptq[0].solve(deployed, self.cfg.gptq_damp, correct_inputs=True, ratios=self.gptq_ratios)
         except (ValueError, RuntimeError) as e:  # no output axis, or a Hessian beyond damping: no candidate
             log.info("region %s: no GPTQ candidate (%s)", self.region.name, e)
             return None
