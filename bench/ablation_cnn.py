@@ -78,6 +78,8 @@ ROWS = {
                      "AdaRound W4A8 at its own schedule (10 000 iterations per region, lr 1e-3, beta 20 -> 2), judged against RTN only"),
     "adaround-10k-w3a8": (["--method", "adaround", "--iters", "10000", "--no-gptq-candidate", "--weight-bits", "3"],
                           "AdaRound W3A8 at its own schedule, judged against RTN only"),
+    "adaround-10k-w2a8": (["--method", "adaround", "--iters", "10000", "--no-gptq-candidate", "--weight-bits", "2"],
+                          "AdaRound W2A8 at its own schedule, judged against RTN only"),
     "w3a8-gptq": (["--method", "gptq", "--weight-bits", "3"], "GPTQ alone, W3A8"),
     "w3a8-default": (["--weight-bits", "3", "--preset", "default"], "FlexRound W3A8, default preset"),
     "w2a8": (["--weight-bits", "2"], "FlexRound W2A8"),
