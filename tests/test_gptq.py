@@ -257,7 +257,10 @@ def test_damping_is_a_ridge_towards_rtn():
     assert not torch.equal(usual.integers(), rtn.integers())
     assert torch.equal(GPTQQuantizer(w, 4, 0, 1).solve(st, 1e6).integers(), rtn.integers())
     mid = GPTQQuantizer(w, 4, 0, 1).solve(st, 1.0)
-    moved = lambda q: int((q.integers() != rtn.integers()).sum())  # noqa: E731
+
+    def moved(q):
+        return int((q.integers() != rtn.integers()).sum())
+
     assert 0 < moved(mid) < moved(usual)
 
 

@@ -398,12 +398,12 @@ class RegionRun:
                     total = sum(stats[1:], stats[0])
                     errs = {}
                     for corr in (False, True):
-                        learned[0].solve(total, self.cfg.gptq_damp, correct_inputs=corr, ratios=self.gptq_ratios)
+                        self.solve_gptq(learned[0], total, correct_inputs=corr)
                         errs[corr] = region_mse(self.build(learned), streams, streams.q, region.inputs, y_fp, held,
                                                 self.batch, device)
                     best = min(errs, key=lambda c: (errs[c], not c))  # a tie keeps the corrected solve
                     if not best:  # the last solve was the corrected one
-                        learned[0].solve(total, self.cfg.gptq_damp, correct_inputs=False, ratios=self.gptq_ratios)
+                        self.solve_gptq(learned[0], total, correct_inputs=False)
                     rep.loss_form = "closed-form" + ("" if best else " (classic)")
                 else:
                     rep.loss_form = "gram"
@@ -423,10 +423,11 @@ class RegionRun:
         rep.iters = cfg.iters
         return learned, gptq, deployed
 
-    @property
-    def gptq_ratios(self) -> tuple:
-        """The grids every GPTQ solve tries per channel (``--gptq-grid-search``), or the initial one alone."""
-        return SEARCH_RATIOS if self.cfg.gptq_grid_search else (1.0,)
+    def solve_gptq(self, quantizer, stats, correct_inputs: bool):
+        """Every GPTQ solve of the run, with its settings: ``--gptq-damp``, and the grids it tries per channel
+        (``--gptq-grid-search``) or the initial one alone."""
+        ratios = SEARCH_RATIOS if self.cfg.gptq_grid_search else (1.0,)
+        return quantizer.solve(stats, self.cfg.gptq_damp, correct_inputs=correct_inputs, ratios=ratios)
 
     def gptq_candidate(self, deployed, learnable) -> list:
         """GPTQ's integers for a one-op region on the learned method's grid, from the deployed-input
@@ -435,7 +436,7 @@ class RegionRun:
         most of a CNN's layers and of a decoder's linears (README, "The judge"), so the judge weighs both."""
         gptq = self.quantizers(get_method("gptq"), learnable)
         try:
-            gptq[0].solve(deployed, self.cfg.gptq_damp, correct_inputs=True, ratios=self.gptq_ratios)
+            self.solve_gptq(gptq[0], deployed, correct_inputs=True)
         except (ValueError, RuntimeError) as e:  # no output axis, or a Hessian beyond damping: no candidate
             log.info("region %s: no GPTQ candidate (%s)", self.region.name, e)
             return None

@@ -41,7 +41,7 @@ from .grid import WeightQuantizer
 
 # grid scales GPTQ tries per output channel with --gptq-grid-search, as multiples of the initial (lp) scale;
 # 1.0 first, so a tie keeps the initial grid. Measured on EfficientNet-Lite0/1/2 W4A8; a finer grid (0.8 to 1.2
-# in steps of 0.025) was not better on Lite2 (README, "GPTQ's grid search")
+# in steps of 0.025) lost top-1 on Lite1 and Lite2 at level SQNR (README, "GPTQ's grid search")
 SEARCH_RATIOS = (1.0, 0.95, 0.9, 0.85, 1.05, 1.1)
 
 
